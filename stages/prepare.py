@@ -1,0 +1,22 @@
+"""prepare stage: fetch and verify MNIST, binarize it, write the prepared arrays and a data summary."""
+
+from pathlib import Path
+
+from cvae_pipeline.cli import run_stage, stage_arguments
+from cvae_pipeline.config import load_params
+from cvae_pipeline.data import load_manifest, prepare, save_prepared, summarize
+from cvae_pipeline.fileio import write_json_atomic
+
+
+def main() -> None:
+    args = stage_arguments(__doc__, ["manifest", "raw_dir", "prepared", "summary"])
+    params = load_params(args.params)
+    manifest = load_manifest(args.manifest)
+    limits = {"train": params.data.train_limit, "test": params.data.test_limit}
+    data = prepare(manifest, Path(args.raw_dir), params.data.threshold, limits)
+    save_prepared(data, args.prepared)
+    write_json_atomic(args.summary, summarize(data, params.data.threshold))
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

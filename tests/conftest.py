@@ -1,0 +1,92 @@
+"""Shared fixtures: small IDX datasets written by the tests, and temporary copies of the repository."""
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_COUNTS = {"train": 300, "test": 100}
+IDX_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array (magic 0x801 for 1-D labels, 0x803 for 3-D images)."""
+    magic = 0x800 + array.ndim
+    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def fake_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in FAKE_COUNTS.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 10, size=count, dtype=np.uint8)
+    return arrays
+
+
+def write_manifest(path: Path, arrays: dict[str, np.ndarray], mirrors: list[str] | None = None) -> Path:
+    files = {
+        key: {"name": IDX_NAMES[key], "md5": hashlib.md5(idx_bytes(array)).hexdigest(), "count": len(array)}
+        for key, array in arrays.items()
+    }
+    path.write_text(json.dumps({"mirrors": mirrors or ["https://127.0.0.1:9/"], "files": files}))
+    return path
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    """A mirror folder of small gzipped IDX files, and a manifest with their MD5 sums."""
+    arrays = fake_arrays()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for key, array in arrays.items():
+        (mirror / f"{IDX_NAMES[key]}.gz").write_bytes(gzip.compress(idx_bytes(array), mtime=0))
+    manifest = write_manifest(tmp_path / "manifest.json", arrays)
+    return mirror, manifest, arrays
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror."""
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.update(overrides)
+    return env
+
+
+def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
+
+
+def _project_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """A fresh git + DVC repository holding the project's files as a clone would: no outputs, no cache."""
+    copy = tmp_path / "repo"
+    for name in _project_files():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=copy, check=True, capture_output=True)
+    return copy

@@ -1,0 +1,114 @@
+"""params.yaml loading: the shipped file validates, and every kind of broken file is refused with one clear line."""
+
+import copy
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, run
+
+from cvae_pipeline.config import ModelParams, Params, load_params, parse_params
+from cvae_pipeline.errors import ParamsError
+
+SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def edited(change) -> str:
+    raw = copy.deepcopy(SHIPPED)
+    change(raw)
+    return yaml.safe_dump(raw)
+
+
+def test_shipped_params_load_as_typed_frozen_objects():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert isinstance(params.model, ModelParams)
+    assert params.model.encoder_filters == (32, 64)
+    assert isinstance(params.train.learning_rate, float)
+    with pytest.raises(AttributeError):
+        params.train.epochs = 3  # frozen
+
+
+def test_tutorial_2020_configuration_is_reachable_by_params_alone():
+    def tutorial(raw):
+        raw["model"]["latent_dim"] = 50
+        raw["train"].update(batch_size=100, learning_rate=1e-4, epochs=100)
+
+    params = parse_params(edited(tutorial))
+    assert (params.model.latent_dim, params.train.batch_size) == (50, 100)
+    assert (params.train.learning_rate, params.train.epochs) == (1e-4, 100)
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # PyYAML alone reads `1e-3` as a string; DVC's `-S train.learning_rate=1e-3` writes exactly that.
+    text = (REPO / "params.yaml").read_text().replace("learning_rate: 1.0e-4", "learning_rate: 1e-3")
+    assert parse_params(text).train.learning_rate == 1e-3
+
+
+def test_integers_are_accepted_where_numbers_are_expected():
+    params = parse_params(edited(lambda raw: raw["train"].update(learning_rate=1)))
+    assert params.train.learning_rate == 1.0
+    assert isinstance(params.train.learning_rate, float)
+
+
+def _set(section, key, value):
+    def change(raw):
+        raw[section][key] = value
+    return change
+
+
+BROKEN = [
+    ("negative batch", edited(_set("train", "batch_size", -3)),
+     "params.yaml: train.batch_size must be a positive integer, got -3"),
+    ("zero epochs", edited(_set("train", "epochs", 0)), "train.epochs must be a positive integer, got 0"),
+    ("float latent", edited(_set("model", "latent_dim", 2.5)), "model.latent_dim must be a positive integer, got 2.5"),
+    ("bool latent", edited(_set("model", "latent_dim", True)), "model.latent_dim must be a positive integer, got true"),
+    ("string lr", edited(_set("train", "learning_rate", "fast")),
+     "train.learning_rate must be a positive finite number, got 'fast'"),
+    ("negative lr", edited(_set("train", "learning_rate", -0.1)), "train.learning_rate must be a positive finite"),
+    ("nan lr", (REPO / "params.yaml").read_text().replace("learning_rate: 1.0e-4", "learning_rate: .nan"),
+     "train.learning_rate must be a positive finite number, got nan"),
+    ("threshold 1", edited(_set("data", "threshold", 1.0)), "data.threshold must be a number in (0, 1), got 1.0"),
+    ("limit zero", edited(_set("data", "train_limit", 0)),
+     "data.train_limit must be a positive integer or null, got 0"),
+    ("filters length", edited(_set("model", "encoder_filters", [32])),
+     "model.encoder_filters must be a list of 2 positive integers, got [32]"),
+    ("negative seed", edited(lambda raw: raw.update(seed=-1)), "seed must be an integer >= 0, got -1"),
+    ("unknown key", edited(_set("train", "batchsize", 10)),
+     "unknown key train.batchsize (allowed in train: epochs, batch_size, learning_rate)"),
+    ("unknown section", edited(lambda raw: raw.update(optimizer={"name": "sgd"})), "unknown key optimizer"),
+    ("missing key", edited(lambda raw: raw["train"].pop("epochs")), "missing key train.epochs (a positive integer)"),
+    ("missing section", edited(lambda raw: raw.pop("model")), "missing key model (a section with keys latent_dim"),
+    ("section not a mapping", edited(lambda raw: raw.update(data=[1, 2])), "data must be a mapping with keys"),
+    ("top level list", "- 1\n- 2\n", "the file must be a mapping with keys seed, data, model, train"),
+    ("syntax error", "train:\n  epochs: [1, 2\n", "params.yaml: YAML syntax error at line"),
+    ("tab indentation", "train:\n\tepochs: 3\n", "params.yaml: YAML syntax error"),
+    ("duplicate key", "seed: 0\nseed: 1\n", "duplicate key 'seed'"),
+    ("empty file", "", "params.yaml: the file is empty; expected the keys seed, data, model, train"),
+    ("comments only", "# nothing here\n", "the file is empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), [case[1:] for case in BROKEN], ids=[case[0] for case in BROKEN])
+def test_broken_params_name_the_key_and_what_is_allowed(text, message):
+    with pytest.raises(ParamsError) as caught:
+        parse_params(text)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"nope\.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_bad_params_stop_the_stage_with_status_2_one_line_and_no_output(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(edited(_set("train", "batch_size", -3)))
+    outputs = {name: tmp_path / name for name in ("raw", "prepared.npz", "summary.json")}
+    result = run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(params),
+                  "--manifest", str(REPO / "data/mnist.json"), "--raw-dir", str(outputs["raw"]),
+                  "--prepared", str(outputs["prepared.npz"]), "--summary", str(outputs["summary.json"])], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{params}: train.batch_size must be a positive integer, got -3"
+    assert not any(path.exists() for path in outputs.values())
