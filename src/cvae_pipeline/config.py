@@ -18,6 +18,8 @@ import yaml
 from cvae_pipeline.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+KL_MODES = ("analytic", "monte_carlo")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def integer(minimum: int = 0, optional: bool = False) -> Rule:
 def number(low: float, high: float = math.inf, *, low_inclusive: bool = False) -> Rule:
     """A finite number in (low, high) or [low, high); integers are accepted and stored as floats."""
     if high == math.inf:
-        allowed = "a positive finite number" if (low, low_inclusive) == (0, False) else f"a finite number >= {low}"
+        allowed = "a positive finite number" if (low, low_inclusive) == (0, False) else f"a finite number >= {low:g}"
     else:
         allowed = f"a number in {'[' if low_inclusive else '('}{low:g}, {high:g})"
 
@@ -72,6 +74,7 @@ def integer_list(length: int) -> Rule:
 
 
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 SEED = integer(0)
 
 
@@ -98,6 +101,16 @@ class TrainParams:
     epochs: int = param(integer(1))
     batch_size: int = param(integer(1))
     learning_rate: float = param(number(0.0))
+    kl: str = param(choice(*KL_MODES))
+    beta: float = param(number(0.0, low_inclusive=True))
+    precision: str = param(choice(*PRECISIONS))
+    jit_compile: bool = param(BOOLEAN)
+    eval_limit: int | None = param(integer(1, optional=True))
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = param(NAME)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class Params:
     data: DataParams = field(metadata={"rule": None})
     model: ModelParams = field(metadata={"rule": None})
     train: TrainParams = field(metadata={"rule": None})
+    tracking: TrackingParams = field(metadata={"rule": None})
 
 
 class _Loader(yaml.SafeLoader):

@@ -15,3 +15,7 @@ class ParamsError(UserInputError):
 
 class DataError(UserInputError):
     """A dataset file is missing, truncated, corrupt or not the published one."""
+
+
+class TrainingError(UserInputError):
+    """Training went numerically wrong (NaN or Inf loss); the message says where and what to change."""

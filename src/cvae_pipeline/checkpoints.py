@@ -1,0 +1,87 @@
+"""Resumable training state in one file, replaced atomically after every epoch.
+
+It holds what an uninterrupted run would carry from one epoch to the next: the weights, the optimizer's
+variables, the noise generator's state, the epoch, the metrics history, the progress grids and the MLflow run id.
+A fingerprint of the params and the data guards against resuming a run of a different configuration.
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cvae_pipeline.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    grids: list[np.ndarray] = field(default_factory=list)  # one (16, 28, 28) uint8 grid per epoch, from epoch 0
+    run_id: str | None = None
+
+
+def fingerprint(*parts: object) -> str:
+    """A digest of JSON-able configuration and NumPy arrays."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def save(path: str | Path, key: str, state: TrainingState, model_weights: list[np.ndarray],
+         optimizer_variables: list[np.ndarray], generator_state: np.ndarray) -> None:
+    arrays = {
+        "fingerprint": np.array(key),
+        "epoch": np.array(state.epoch),
+        "history": np.array(json.dumps(state.history)),
+        "run_id": np.array(state.run_id or ""),
+        "grids": np.stack(state.grids),
+        "generator_state": generator_state,
+    }
+    arrays.update({f"model_{i:03d}": weight for i, weight in enumerate(model_weights)})
+    arrays.update({f"optimizer_{i:03d}": variable for i, variable in enumerate(optimizer_variables)})
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+@dataclass
+class Restored:
+    state: TrainingState
+    model_weights: list[np.ndarray]
+    optimizer_variables: list[np.ndarray]
+    generator_state: np.ndarray
+
+
+def restore(path: str | Path, key: str) -> Restored | None:
+    """The saved state when it exists and matches `key`; None (start afresh) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if str(archive["fingerprint"]) != key:
+                log.info("%s is from another configuration; starting afresh", path)
+                return None
+            names = sorted(archive.files)
+            state = TrainingState(
+                epoch=int(archive["epoch"]),
+                history=json.loads(str(archive["history"])),
+                grids=list(archive["grids"]),
+                run_id=str(archive["run_id"]) or None,
+            )
+            return Restored(
+                state,
+                [archive[name] for name in names if name.startswith("model_")],
+                [archive[name] for name in names if name.startswith("optimizer_")],
+                archive["generator_state"],
+            )
+    except (OSError, ValueError, KeyError) as error:
+        # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
+        log.warning("%s is unreadable (%s); starting afresh", path, error)
+        return None

@@ -1,0 +1,77 @@
+"""The tutorial's convolutional VAE: encoder to (mean, log-variance), reparameterization, decoder to logits."""
+
+import keras
+from keras import layers
+
+from cvae_pipeline.config import ModelParams
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+@keras.saving.register_keras_serializable(package="cvae_pipeline")
+class CVAE(keras.Model):
+    """Encoder Conv2D(32,3,s2)-Conv2D(64,3,s2)-Dense(2*latent); decoder Dense(7*7*32)-ConvT(64)-ConvT(32)-ConvT(1)."""
+
+    def __init__(self, latent_dim: int, encoder_filters=(32, 64), decoder_filters=(64, 32), **kwargs):
+        super().__init__(**kwargs)
+        self.latent_dim = latent_dim
+        self.encoder_filters = tuple(encoder_filters)
+        self.decoder_filters = tuple(decoder_filters)
+        self.encoder = keras.Sequential(
+            [
+                keras.Input(shape=IMAGE_SHAPE),
+                layers.Conv2D(encoder_filters[0], 3, strides=2, activation="relu", name="encoder_conv_1"),
+                layers.Conv2D(encoder_filters[1], 3, strides=2, activation="relu", name="encoder_conv_2"),
+                layers.Flatten(name="encoder_flatten"),
+                layers.Dense(2 * latent_dim, name="encoder_mean_and_log_variance"),
+            ],
+            name="encoder",
+        )
+        self.decoder = keras.Sequential(
+            [
+                keras.Input(shape=(latent_dim,)),
+                layers.Dense(7 * 7 * 32, activation="relu", name="decoder_dense"),
+                layers.Reshape((7, 7, 32), name="decoder_reshape"),
+                layers.Conv2DTranspose(decoder_filters[0], 3, strides=2, padding="same", activation="relu",
+                                       name="decoder_deconv_1"),
+                layers.Conv2DTranspose(decoder_filters[1], 3, strides=2, padding="same", activation="relu",
+                                       name="decoder_deconv_2"),
+                # Logits in float32 even under mixed precision: the loss is a sum over 784 pixels.
+                layers.Conv2DTranspose(1, 3, strides=1, padding="same", name="decoder_logits", dtype="float32"),
+            ],
+            name="decoder",
+        )
+
+    def encode(self, images):
+        """Posterior q(z|x) = N(mean, exp(log_variance)); both float32."""
+        mean, log_variance = keras.ops.split(self.encoder(images), 2, axis=-1)
+        return keras.ops.cast(mean, "float32"), keras.ops.cast(log_variance, "float32")
+
+    @staticmethod
+    def reparameterize(mean, log_variance, noise):
+        """z = mean + exp(log_variance / 2) * noise, with noise ~ N(0, I) drawn by the caller (seeded)."""
+        return mean + keras.ops.exp(log_variance * 0.5) * noise
+
+    def decode(self, latent):
+        """Bernoulli logits of the 28x28x1 image."""
+        return self.decoder(latent)
+
+    def call(self, images):
+        """The mean reconstruction's logits: decode the posterior mean (deterministic, for serving)."""
+        mean, _ = self.encode(images)
+        return self.decode(mean)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "latent_dim": self.latent_dim,
+            "encoder_filters": list(self.encoder_filters),
+            "decoder_filters": list(self.decoder_filters),
+        }
+
+
+def build_cvae(cfg: ModelParams) -> CVAE:
+    """The model for `cfg`, with its weights created (so it can be counted, saved and restored at once)."""
+    model = CVAE(cfg.latent_dim, cfg.encoder_filters, cfg.decoder_filters, name="cvae")
+    model.build((None, *IMAGE_SHAPE))
+    return model

@@ -1,0 +1,155 @@
+"""MLflow: where the store is, one run per pipeline execution shared by the stages, and what is logged to it.
+
+The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
+stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
+`MLFLOW_TRACKING_URI` overrides it. Train creates the run and records its id in a declared output; later stages
+reopen that run by id.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from cvae_pipeline.config import Params
+from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
+_EXPERIMENT_COPY = (".dvc", "tmp", "exps")
+
+
+def repository_root(directory: str | Path | None = None) -> Path:
+    """The main repository: `directory` itself, or the repository a DVC experiment copy inside it belongs to."""
+    path = Path(directory or os.getcwd()).resolve()
+    parts = path.parts
+    for index in range(len(parts) - len(_EXPERIMENT_COPY) + 1):
+        if parts[index:index + len(_EXPERIMENT_COPY)] == _EXPERIMENT_COPY:
+            return Path(*parts[:index])
+    return path
+
+
+def tracking_uri() -> str:
+    return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """`{"train.batch_size": "100", ...}`: every param, by its key path in params.yaml."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix.rstrip(".")] = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+
+    walk("", dataclasses.asdict(params))
+    return flat
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def source_tags() -> dict[str, str]:
+    """Git commit and dirtiness, and the DVC experiment name when DVC runs the stage as an experiment."""
+    tags = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
+    if experiment:
+        tags["dvc_experiment"] = experiment
+    return tags
+
+
+def _mlflow():
+    import mlflow  # deferred: importing MLflow costs seconds, and params are validated before it
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, created if needed (tolerating a concurrent creation by another stage)."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    try:
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        # Opens in the UI's model-training view rather than its GenAI view.
+        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+    except mlflow.exceptions.MlflowException as error:
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise UserInputError(f"MLflow at {tracking_uri()}: cannot create experiment {name!r} ({error})") from None
+        return existing.experiment_id
+
+
+@contextlib.contextmanager
+def active_run(experiment: str, run_id: str | None = None, run_name: str | None = None,
+               tags: dict[str, str] | None = None) -> Iterator:
+    """Start (or reopen, by id) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C, never RUNNING."""
+    if os.environ.pop("MLFLOW_RUN_ID", None):
+        log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
+    experiment_id = ensure_experiment(experiment)
+    mlflow = _mlflow()
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                           run_name=None if run_id else run_name, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_params(params: Params) -> None:
+    _mlflow().log_params(flatten(params))
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """All of them in one batched call."""
+    _mlflow().log_metrics(metrics, step=step)
+
+
+def log_model(model, example_input, example_output) -> None:
+    """The model as an MLflow Keras model with its signature (loading it needs `cvae_pipeline` importable)."""
+    from importlib.metadata import version
+
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    _mlflow()
+    signature = infer_signature(example_input, example_output)
+    requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+
+def write_run_reference(path: str | Path, run) -> None:
+    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+
+
+def read_run_id(path: str | Path) -> str:
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: no MLflow run reference; run `dvc repro train` first") from None
+    except (ValueError, KeyError) as error:
+        raise UserInputError(f"{path}: not an MLflow run reference ({error!r})") from None

@@ -1,0 +1,210 @@
+"""Training the CVAE: a seeded tf.data pipeline, a compiled step, per-epoch test metrics and resumable checkpoints.
+
+`Trainer` owns the model, the optimizer and the noise generator; `train_and_track` is the train stage: it resumes
+from the checkpoint when there is one, logs everything to one MLflow run and writes the stage's outputs.
+"""
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from cvae_pipeline import checkpoints, tracking
+from cvae_pipeline.checkpoints import TrainingState
+from cvae_pipeline.config import Params
+from cvae_pipeline.data import PreparedData
+from cvae_pipeline.errors import TrainingError
+from cvae_pipeline.fileio import atomic_path, write_json_atomic
+from cvae_pipeline.losses import elbo_terms
+from cvae_pipeline.model import build_cvae
+
+log = logging.getLogger(__name__)
+
+PROGRESS_IMAGES = 16  # the tutorial's 4x4 grid of images decoded from fixed latent vectors
+EVAL_BATCH = 1000
+
+
+def describe_device() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    names = {tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus}
+    return f"GPU x{len(gpus)} ({', '.join(sorted(names))})"
+
+
+class Trainer:
+    def __init__(self, params: Params, data: PreparedData):
+        self.params = params
+        cfg = params.train
+        keras.utils.set_random_seed(params.seed)
+        tf.config.experimental.enable_op_determinism()
+        keras.mixed_precision.set_dtype_policy(cfg.precision)
+        self.model = build_cvae(params.model)
+        optimizer = keras.optimizers.Adam(cfg.learning_rate)
+        if cfg.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
+        self.optimizer.build(self.model.trainable_variables)
+        self.generator = tf.random.Generator.from_seed(params.seed)
+
+        self.train_images = data.train.images[..., None]
+        self._dataset = tf.data.Dataset.from_tensor_slices(self.train_images).cache()
+        self.steps_per_epoch = math.ceil(len(self.train_images) / cfg.batch_size)
+        self.eval_images = data.test.images[: cfg.eval_limit, ..., None]
+        rng = np.random.default_rng([params.seed, 1])
+        latent = params.model.latent_dim
+        self.eval_noise = rng.standard_normal((len(self.eval_images), latent)).astype(np.float32)
+        self.progress_latent = rng.standard_normal((PROGRESS_IMAGES, latent)).astype(np.float32)
+        self._train_step = tf.function(self._step, jit_compile=cfg.jit_compile)
+        self._eval_step = tf.function(self._eval, jit_compile=cfg.jit_compile)
+
+    def fingerprint(self) -> str:
+        settings = dataclasses.asdict(self.params)
+        settings.pop("tracking")
+        return checkpoints.fingerprint(settings, self.train_images, self.eval_images)
+
+    def _step(self, images):
+        images = tf.cast(images, tf.float32)
+        noise = self.generator.normal((tf.shape(images)[0], self.params.model.latent_dim))
+        with tf.GradientTape() as tape:
+            reconstruction, kl = elbo_terms(self.model, images, noise, self.params.train.kl)
+            loss = tf.reduce_mean(reconstruction + self.params.train.beta * kl)
+            scaled = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables, strict=True))
+        return loss
+
+    def _eval(self, images, noise):
+        reconstruction, kl = elbo_terms(self.model, tf.cast(images, tf.float32), noise, "analytic")
+        return tf.reduce_sum(reconstruction), tf.reduce_sum(kl)
+
+    def epoch_batches(self, epoch: int) -> tf.data.Dataset:
+        """This epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches."""
+        shuffled = self._dataset.shuffle(len(self.train_images), seed=self.params.seed * 100_003 + epoch)
+        return shuffled.batch(self.params.train.batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                  stateful_metrics=["loss"], unit_name="step")
+        started, total = time.perf_counter(), 0.0
+        for step, images in enumerate(self.epoch_batches(epoch), start=1):
+            loss = float(self._train_step(images))
+            if not math.isfinite(loss):
+                raise TrainingError(f"training diverged: loss is {loss} at epoch {epoch}, step {step}; "
+                                    f"try a lower train.learning_rate (now {self.params.train.learning_rate:g})")
+            total += loss
+            bar.update(step, [("loss", total / step)])
+        seconds = time.perf_counter() - started
+        return {"train_loss": total / self.steps_per_epoch, "epoch_seconds": seconds,
+                "images_per_second": len(self.train_images) / seconds}
+
+    def evaluate(self) -> dict[str, float]:
+        """Test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image."""
+        reconstruction = kl = 0.0
+        for start in range(0, len(self.eval_images), EVAL_BATCH):
+            chunk = slice(start, start + EVAL_BATCH)
+            batch_reconstruction, batch_kl = self._eval_step(self.eval_images[chunk], self.eval_noise[chunk])
+            reconstruction += float(batch_reconstruction)
+            kl += float(batch_kl)
+        n = len(self.eval_images)
+        return {"test_elbo": -(reconstruction + kl) / n, "test_reconstruction": reconstruction / n,
+                "test_kl": kl / n}
+
+    def progress_grid(self) -> np.ndarray:
+        """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8."""
+        probabilities = keras.ops.sigmoid(self.model.decode(self.progress_latent))
+        return np.round(keras.ops.convert_to_numpy(probabilities)[..., 0] * 255).astype(np.uint8)
+
+    def save_checkpoint(self, path: Path, state: TrainingState) -> None:
+        checkpoints.save(path, self.fingerprint(), state, self.model.get_weights(),
+                         [v.numpy() for v in self.optimizer.variables], self.generator.state.numpy())
+
+    def restore_checkpoint(self, path: Path) -> TrainingState:
+        restored = checkpoints.restore(path, self.fingerprint())
+        if restored is None:
+            return TrainingState(grids=[self.progress_grid()])
+        self.model.set_weights(restored.model_weights)
+        for variable, value in zip(self.optimizer.variables, restored.optimizer_variables, strict=True):
+            variable.assign(value)
+        self.generator.state.assign(restored.generator_state)
+        log.info("resuming after epoch %d from %s", restored.state.epoch, path)
+        return restored.state
+
+    def fit(self, state: TrainingState, checkpoint: Path,
+            on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None) -> TrainingState:
+        """Train from `state.epoch` to the configured number of epochs, checkpointing after each one."""
+        epochs = self.params.train.epochs
+        for epoch in range(state.epoch + 1, epochs + 1):
+            metrics = self.train_epoch(epoch)
+            metrics.update(self.evaluate())
+            log.info("epoch %d/%d: loss %.2f, test ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s, %.0f images/s",
+                     epoch, epochs, metrics["train_loss"], metrics["test_elbo"], metrics["test_reconstruction"],
+                     metrics["test_kl"], metrics["epoch_seconds"], metrics["images_per_second"])
+            on_epoch(epoch, metrics)
+            state = TrainingState(epoch, [*state.history, {"epoch": epoch, **metrics}],
+                                  [*state.grids, self.progress_grid()], state.run_id)
+            self.save_checkpoint(checkpoint, state)
+        return state
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    model: Path
+    history: Path
+    metrics: Path
+    progress: Path
+    run: Path
+    checkpoint: Path
+
+
+def final_metrics(history: list[dict]) -> dict[str, float]:
+    """The last epoch's metrics, the total training time and the median throughput."""
+    last = history[-1]
+    return {
+        "epochs": last["epoch"],
+        **{key: last[key] for key in ("train_loss", "test_elbo", "test_reconstruction", "test_kl")},
+        "train_seconds": sum(row["epoch_seconds"] for row in history),
+        "images_per_second": float(np.median([row["images_per_second"] for row in history])),
+    }
+
+
+def write_outputs(trainer: Trainer, state: TrainingState, final: dict[str, float], outputs: TrainOutputs) -> None:
+    with atomic_path(outputs.model) as temporary:
+        trainer.model.save(temporary)
+    with atomic_path(outputs.history) as temporary:
+        pd.DataFrame(state.history).to_csv(temporary, index=False, float_format="%.6g")
+    with atomic_path(outputs.progress) as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(handle, grids=np.stack(state.grids), epochs=np.arange(len(state.grids)))
+    write_json_atomic(outputs.metrics, final)
+
+
+def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -> dict[str, float]:
+    """The train stage: resume or start, one MLflow run throughout, then the declared outputs. Returns final metrics."""
+    trainer = Trainer(params, data)
+    state = trainer.restore_checkpoint(outputs.checkpoint)
+    device = describe_device()
+    log.info("training on %s with %s precision; MLflow store %s", device, params.train.precision,
+             tracking.tracking_uri())
+    tags = {**tracking.source_tags(), "device": device, "tensorflow_version": tf.__version__}
+    with tracking.active_run(params.tracking.experiment, state.run_id, tags.get("dvc_experiment"), tags) as run:
+        if state.run_id is None:
+            tracking.log_params(params)
+            state.run_id = run.info.run_id
+        # Each epoch is logged before it is checkpointed, so a resumed run has nothing to log again.
+        state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
+        final = final_metrics(state.history)
+        write_outputs(trainer, state, final, outputs)
+        tracking.write_run_reference(outputs.run, run)
+        tracking.log_metrics({f"final_{key}": value for key, value in final.items()})
+        example = trainer.eval_images[:2].astype(np.float32)
+        tracking.log_model(trainer.model, example, keras.ops.convert_to_numpy(trainer.model(example)))
+    return final

@@ -1,0 +1,24 @@
+"""train stage: train the CVAE (resuming an interrupted run), log it to MLflow, write the model and its metrics."""
+
+import os
+from pathlib import Path
+
+from cvae_pipeline.cli import run_stage, stage_arguments
+from cvae_pipeline.config import load_params
+from cvae_pipeline.data import load_prepared
+
+OUTPUTS = ["model", "history", "metrics", "progress", "run", "checkpoint"]
+
+
+def main() -> None:
+    args = stage_arguments(__doc__, ["prepared", *OUTPUTS])
+    params = load_params(args.params)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cvae_pipeline.training import TrainOutputs, train_and_track  # TensorFlow loads after validation
+
+    data = load_prepared(args.prepared)
+    train_and_track(params, data, TrainOutputs(**{name: Path(getattr(args, name)) for name in OUTPUTS}))
+
+
+if __name__ == "__main__":
+    run_stage("train", main)
