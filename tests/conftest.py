@@ -60,8 +60,9 @@ def fake_mnist(tmp_path):
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror."""
-    env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
+    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror or MLflow
+    store (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(overrides)
     return env
@@ -90,3 +91,35 @@ def repo_copy(tmp_path):
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=copy, check=True, capture_output=True)
     return copy
+
+
+def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Binary 28x28 images with structure a VAE can learn: one of ten fixed templates, with 2% of pixels flipped."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28)) < 0.15
+    labels = rng.integers(0, 10, count).astype(np.uint8)
+    flips = rng.random((count, 28, 28)) < 0.02
+    return (templates[labels] ^ flips).astype(np.uint8), labels
+
+
+@pytest.fixture
+def small_data():
+    from cvae_pipeline.data import PreparedData, Split
+
+    train, test = synthetic_digits(512, seed=1), synthetic_digits(128, seed=2)
+    return PreparedData(Split(*train), Split(*test))
+
+
+def params_with(**sections):
+    """The shipped params.yaml with some keys replaced, e.g. params_with(train={"epochs": 2})."""
+    import yaml
+
+    from cvae_pipeline.config import parse_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return parse_params(yaml.safe_dump(raw))

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, run
 
+from conftest import REPO, run
 from cvae_pipeline.config import ModelParams, Params, load_params, parse_params
 from cvae_pipeline.errors import ParamsError
 

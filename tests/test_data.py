@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import IDX_NAMES, idx_bytes
 
+from conftest import IDX_NAMES, idx_bytes
 from cvae_pipeline import data
 from cvae_pipeline.data import FileSpec, binarize, fetch_all, load_manifest, parse_idx, verify
 from cvae_pipeline.errors import DataError

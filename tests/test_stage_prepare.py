@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from conftest import run
 
+from conftest import run
 from cvae_pipeline.data import binarize, load_prepared
 
 pytestmark = pytest.mark.slow

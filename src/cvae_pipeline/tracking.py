@@ -40,6 +40,12 @@ def tracking_uri() -> str:
     return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
+def _artifact_location() -> str | None:
+    """Beside the default store, in the main repository; MLflow's own default (`./mlruns` of whichever process
+    creates the experiment) could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
+    return None if os.environ.get(URI_ENV) else (repository_root() / "mlruns").as_uri()
+
+
 def flatten(params: Params) -> dict[str, str]:
     """`{"train.batch_size": "100", ...}`: every param, by its key path in params.yaml."""
     flat: dict[str, str] = {}
@@ -49,7 +55,8 @@ def flatten(params: Params) -> dict[str, str]:
             for key, inner in value.items():
                 walk(f"{prefix}{key}.", inner)
         else:
-            flat[prefix.rstrip(".")] = json.dumps(list(value)) if isinstance(value, tuple) else str(value)
+            # As params.yaml spells them: null, false, [32, 64]; strings bare.
+            flat[prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
 
     walk("", dataclasses.asdict(params))
     return flat
@@ -91,7 +98,8 @@ def ensure_experiment(name: str) -> str:
         if existing is not None:
             return existing.experiment_id
         # Opens in the UI's model-training view rather than its GenAI view.
-        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+        return client.create_experiment(name, artifact_location=_artifact_location(),
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException as error:
         existing = client.get_experiment_by_name(name)
         if existing is None:

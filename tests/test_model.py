@@ -1,0 +1,46 @@
+"""The tutorial's architecture: parameter counts, shapes, and a safe-mode round trip through `.keras`."""
+
+import keras
+import numpy as np
+import pytest
+
+from cvae_pipeline.config import ModelParams
+from cvae_pipeline.model import CVAE, build_cvae
+
+
+@pytest.mark.parametrize(("latent_dim", "count"), [(50, 366_533), (2, 69_989)])
+def test_parameter_count_matches_the_tutorial(latent_dim, count):
+    assert build_cvae(ModelParams(latent_dim, (32, 64), (64, 32))).count_params() == count
+
+
+def test_filters_come_from_params():
+    model = build_cvae(ModelParams(4, (8, 16), (16, 8)))
+    assert model.encoder.get_layer("encoder_conv_2").filters == 16
+    assert model.decoder.get_layer("decoder_deconv_1").filters == 16
+
+
+def test_shapes_of_encode_reparameterize_decode():
+    model = build_cvae(ModelParams(3, (32, 64), (64, 32)))
+    images = np.random.default_rng(0).integers(0, 2, (5, 28, 28, 1)).astype("float32")
+    mean, log_variance = model.encode(images)
+    assert mean.shape == log_variance.shape == (5, 3)
+    latent = model.reparameterize(mean, log_variance, np.zeros((5, 3), "float32"))
+    np.testing.assert_allclose(latent, mean)  # zero noise gives the mean
+    assert model.decode(latent).shape == (5, 28, 28, 1)
+    assert model(images).shape == (5, 28, 28, 1)
+
+
+def test_reparameterization_scales_noise_by_the_standard_deviation():
+    mean = np.array([[1.0, -2.0]], "float32")
+    log_variance = np.log(np.array([[4.0, 0.25]], "float32"))
+    latent = CVAE.reparameterize(mean, log_variance, np.ones((1, 2), "float32"))
+    np.testing.assert_allclose(latent, [[3.0, -1.5]], rtol=1e-6)
+
+
+def test_saved_model_loads_in_safe_mode_with_the_same_outputs(tmp_path):
+    model = build_cvae(ModelParams(2, (32, 64), (64, 32)))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    images = np.random.default_rng(1).random((2, 28, 28, 1), dtype="float32")
+    np.testing.assert_array_equal(model(images), loaded(images))
+    assert loaded.latent_dim == 2

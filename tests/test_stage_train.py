@@ -1,0 +1,127 @@
+"""End to end: `dvc repro train` in a temporary copy, read back from the files and from MLflow."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run, subprocess_env
+from cvae_pipeline.model import CVAE
+
+pytestmark = pytest.mark.slow
+
+TINY = {"model": {"latent_dim": 2}, "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3}}
+
+
+def setup_copy(repo, fake_mnist, **sections):
+    mirror, manifest, _ = fake_mnist
+    shutil.copy(manifest, repo / "data/mnist.json")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in {**TINY, **sections}.items():
+        raw[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    return {"MNIST_MIRROR": str(mirror)}
+
+
+def runs_in(repo):
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["cvae-mnist"])
+
+
+def timeless(history: pd.DataFrame) -> pd.DataFrame:
+    return history.drop(columns=["epoch_seconds", "images_per_second"])
+
+
+def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist)
+    result = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: training on CPU with float32 precision" in result.stderr
+
+    history = pd.read_csv(repo_copy / "reports/train_history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    metrics = json.loads((repo_copy / "reports/train_metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["test_elbo"] == pytest.approx(history["test_elbo"].iloc[-1])
+    assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
+    grids = np.load(repo_copy / "models/progress_grids.npz")["grids"]
+    assert grids.shape == (3, 16, 28, 28) and grids.dtype == np.uint8
+    model = keras.models.load_model(repo_copy / "models/cvae.keras", safe_mode=True)
+    assert isinstance(model, CVAE) and model.count_params() == 69_989
+
+    runs = runs_in(repo_copy)
+    assert len(runs) == 1
+    found = runs.iloc[0]
+    assert found["run_id"] == json.loads((repo_copy / "models/mlflow_run.json").read_text())["run_id"]
+    assert found["status"] == "FINISHED"
+    assert found["params.train.batch_size"] == "50" and found["params.model.latent_dim"] == "2"
+    assert found["params.data.train_limit"] == "null" and found["params.model.encoder_filters"] == "[32, 64]"
+    assert found["artifact_uri"].startswith(str(repo_copy / "mlruns"))
+    assert found["tags.device"] == "CPU" and found["tags.tensorflow_version"]
+    assert len(found["tags.mlflow.source.git.commit"]) == 40 and found["tags.git_dirty"] == "true"
+    client = mlflow.MlflowClient()
+    elbo = client.get_metric_history(found["run_id"], "test_elbo")
+    assert [m.step for m in elbo] == [1, 2]
+    assert [m.value for m in elbo] == pytest.approx(history["test_elbo"].tolist())
+    logged = mlflow.search_logged_models(experiment_ids=[found["experiment_id"]], output_format="list")
+    assert [m.source_run_id for m in logged] == [found["run_id"]]
+    served = mlflow.pyfunc.load_model(logged[0].model_uri)
+    assert tuple(served.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 28, 28, 1)
+    assert served.predict(np.zeros((3, 28, 28, 1), np.float32)).shape == (3, 28, 28, 1)
+
+    again = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert "didn't change, skipping" in again.stdout
+    assert len(runs_in(repo_copy)) == 1
+
+
+def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_copy, fake_mnist, tmp_path):
+    four_epochs = {"train": {**TINY["train"], "epochs": 4}}
+    env = setup_copy(repo_copy, fake_mnist, **four_epochs)
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(repo_copy, uninterrupted)
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+
+    # Start training and kill -9 the whole process group once at least one epoch is checkpointed.
+    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy, env=subprocess_env(**env),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = repo_copy / "models/checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_epoch = int(np.load(checkpoint)["epoch"])
+    assert 1 <= killed_epoch < 4
+    assert runs_in(repo_copy).iloc[0]["status"] == "RUNNING"  # what kill -9 leaves behind, until the resume
+
+    resumed = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {killed_epoch}" in resumed.stderr
+    whole = run(["dvc", "repro", "train"], uninterrupted, **env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    pd.testing.assert_frame_equal(timeless(pd.read_csv(repo_copy / "reports/train_history.csv")),
+                                  timeless(pd.read_csv(uninterrupted / "reports/train_history.csv")))
+    runs = runs_in(repo_copy)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # the same run, continued
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "test_elbo")]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+
+
+def test_diverging_training_fails_clearly_and_marks_the_run_failed(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist, train={"learning_rate": 1e30})
+    result = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert result.returncode != 0
+    assert "training diverged: loss is" in result.stderr and "at epoch 1, step" in result.stderr
+    runs = runs_in(repo_copy)
+    assert runs.iloc[0]["status"] == "FAILED"
+    assert not (repo_copy / "models/cvae.keras").exists()

@@ -1,0 +1,105 @@
+"""The training loop in-process: it learns, it is deterministic, it resumes exactly, it stops on NaN."""
+
+import numpy as np
+import pytest
+
+from conftest import params_with
+from cvae_pipeline.errors import TrainingError
+from cvae_pipeline.training import Trainer, final_metrics
+
+FAST = {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2, "eval_limit": None}
+
+
+def small_params(**train):
+    return params_with(model={"latent_dim": 4}, train={**FAST, **train})
+
+
+def test_one_epoch_on_512_images_lowers_the_loss(small_data):
+    trainer = Trainer(small_params(), small_data)
+    before = trainer.evaluate()
+    metrics = trainer.train_epoch(1)
+    after = trainer.evaluate()
+    assert after["test_elbo"] > before["test_elbo"] + 50  # nats per image
+    assert metrics["train_loss"] < -before["test_elbo"]
+    assert trainer.steps_per_epoch == 16
+
+
+def test_monte_carlo_kl_and_beta_train_too(small_data):
+    trainer = Trainer(small_params(kl="monte_carlo", beta=0.5), small_data)
+    before = trainer.evaluate()["test_elbo"]
+    trainer.train_epoch(1)
+    assert trainer.evaluate()["test_elbo"] > before
+
+
+def timeless(history):
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in history]
+
+
+def train_fresh(params, data, checkpoint):
+    trainer = Trainer(params, data)
+    return trainer, trainer.fit(trainer.restore_checkpoint(checkpoint), checkpoint)
+
+
+def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(small_data, tmp_path):
+    _, first = train_fresh(small_params(), small_data, tmp_path / "a.npz")
+    _, second = train_fresh(small_params(), small_data, tmp_path / "b.npz")
+    assert timeless(first.history) == timeless(second.history)
+    _, other = train_fresh(params_with(seed=1, model={"latent_dim": 4}, train=FAST), small_data, tmp_path / "c.npz")
+    assert timeless(other.history) != timeless(first.history)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
+    params = small_params(epochs=3)
+    whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_in_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise Interrupted  # after epoch 2's training, before its checkpoint: as a kill would
+
+    broken = Trainer(params, small_data)
+    with pytest.raises(Interrupted):
+        broken.fit(broken.restore_checkpoint(tmp_path / "resumed.npz"), tmp_path / "resumed.npz",
+                   on_epoch=interrupt_in_epoch_2)
+
+    resumed = Trainer(params, small_data)
+    state = resumed.restore_checkpoint(tmp_path / "resumed.npz")
+    assert state.epoch == 1
+    state = resumed.fit(state, tmp_path / "resumed.npz")
+    assert timeless(state.history) == timeless(whole_state.history)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(state.grids) == 4  # epoch 0 and each of the 3 epochs
+    np.testing.assert_array_equal(np.stack(state.grids), np.stack(whole_state.grids))
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):
+    train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
+    other = Trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
+    assert other.restore_checkpoint(tmp_path / "c.npz").epoch == 0
+    same = Trainer(small_params(epochs=1), small_data)
+    assert same.restore_checkpoint(tmp_path / "c.npz").epoch == 1
+
+
+def test_a_damaged_checkpoint_starts_afresh(small_data, tmp_path):
+    (tmp_path / "c.npz").write_bytes(b"not a checkpoint")
+    assert Trainer(small_params(), small_data).restore_checkpoint(tmp_path / "c.npz").epoch == 0
+
+
+def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
+    trainer = Trainer(small_params(learning_rate=1e30), small_data)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+; try a lower train.learning_rate"):
+        trainer.fit(trainer.restore_checkpoint(tmp_path / "c.npz"), tmp_path / "c.npz")
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_final_metrics_summarize_the_history():
+    history = [{"epoch": 1, "train_loss": 9.0, "test_elbo": -9.0, "test_reconstruction": 7.0, "test_kl": 2.0,
+                "epoch_seconds": 2.0, "images_per_second": 100.0},
+               {"epoch": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
+                "epoch_seconds": 3.0, "images_per_second": 300.0}]
+    final = final_metrics(history)
+    assert final == {"epochs": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
+                     "train_seconds": 5.0, "images_per_second": 200.0}
