@@ -40,10 +40,12 @@ def tracking_uri() -> str:
     return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
-def _artifact_location() -> str | None:
-    """Beside the default store, in the main repository; MLflow's own default (`./mlruns` of whichever process
-    creates the experiment) could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
-    return None if os.environ.get(URI_ENV) else (repository_root() / "mlruns").as_uri()
+def _artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlruns/` beside the database file. MLflow's own default, `./mlruns` of whichever process
+    creates the experiment, could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -98,7 +100,7 @@ def ensure_experiment(name: str) -> str:
         if existing is not None:
             return existing.experiment_id
         # Opens in the UI's model-training view rather than its GenAI view.
-        return client.create_experiment(name, artifact_location=_artifact_location(),
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri()),
                                         tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException as error:
         existing = client.get_experiment_by_name(name)
