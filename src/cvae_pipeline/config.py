@@ -109,6 +109,21 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    samples: int = param(integer(1))
+    iwae_k: int = param(integer(1))
+    decode_batch: int = param(integer(1))
+
+
+@dataclass(frozen=True)
+class VisualizeParams:
+    examples: int = param(integer(1))
+    prior_grid: int = param(integer(1))
+    manifold_size: int = param(integer(2))
+    frame_milliseconds: int = param(integer(1))
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str = param(NAME)
 
@@ -119,6 +134,8 @@ class Params:
     data: DataParams = field(metadata={"rule": None})
     model: ModelParams = field(metadata={"rule": None})
     train: TrainParams = field(metadata={"rule": None})
+    evaluate: EvaluateParams = field(metadata={"rule": None})
+    visualize: VisualizeParams = field(metadata={"rule": None})
     tracking: TrackingParams = field(metadata={"rule": None})
 
 

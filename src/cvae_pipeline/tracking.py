@@ -139,6 +139,12 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     _mlflow().log_metrics(metrics, step=step)
 
 
+def log_artifacts(paths: list[Path], folder: str) -> None:
+    mlflow = _mlflow()
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+
 def log_model(model, example_input, example_output) -> None:
     """The model as an MLflow Keras model with its signature (loading it needs `cvae_pipeline` importable)."""
     from importlib.metadata import version

@@ -34,9 +34,12 @@ EVAL_BATCH = 1000
 
 
 def describe_device() -> str:
+    """Which device TensorFlow will train on; on GPUs, memory is claimed as needed rather than all at once."""
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return "CPU"
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
     names = {tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus}
     return f"GPU x{len(gpus)} ({', '.join(sorted(names))})"
 
@@ -189,9 +192,9 @@ def write_outputs(trainer: Trainer, state: TrainingState, final: dict[str, float
 
 def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -> dict[str, float]:
     """The train stage: resume or start, one MLflow run throughout, then the declared outputs. Returns final metrics."""
+    device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data)
     state = trainer.restore_checkpoint(outputs.checkpoint)
-    device = describe_device()
     log.info("training on %s with %s precision; MLflow store %s", device, params.train.precision,
              tracking.tracking_uri())
     tags = {**tracking.source_tags(), "device": device, "tensorflow_version": tf.__version__}

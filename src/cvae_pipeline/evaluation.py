@@ -1,0 +1,132 @@
+"""The numbers a VAE paper reports, on the test set, in nats per image.
+
+- `elbo`: reconstruction averaged over `evaluate.samples` draws of z, plus the analytic KL;
+- `iwae`: the importance-weighted bound of Burda et al. (2015), log (1/k) sum_i p(x, z_i) / q(z_i|x) with
+  z_i ~ q(z|x), a log-mean-exp computed stably; it is >= the ELBO and rises towards log p(x) with k;
+- `pixel_accuracy`, `bce_per_pixel`: of the reconstruction decoded from the posterior mean;
+- `active_units`: latent dimensions whose posterior mean varies across the test set (variance > 0.01).
+
+All draws of z are vectorized: one decoder call scores `decode_batch` (image, sample) pairs.
+"""
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cvae_pipeline import tracking
+from cvae_pipeline.config import EvaluateParams, Params
+from cvae_pipeline.fileio import write_json_atomic
+from cvae_pipeline.inference import as_inputs, load_trained, posterior
+from cvae_pipeline.losses import analytic_kl, log_normal_pdf, reconstruction_nll
+from cvae_pipeline.model import CVAE
+
+log = logging.getLogger(__name__)
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def log_mean_exp(log_values: np.ndarray) -> np.ndarray:
+    """log(mean(exp(x))) along the last axis, without overflow or underflow."""
+    log_values = np.asarray(log_values, dtype=np.float64)
+    peak = log_values.max(axis=-1, keepdims=True)
+    return peak[..., 0] + np.log(np.mean(np.exp(log_values - peak), axis=-1))
+
+
+class Evaluator:
+    def __init__(self, model: CVAE, cfg: EvaluateParams, seed: int):
+        self.model = model
+        self.cfg = cfg
+        self.generator = tf.random.Generator.from_seed(seed)
+        self._score = tf.function(self._score_samples, reduce_retracing=True)
+
+    def _score_samples(self, images, mean, log_variance, samples: int):
+        """For each image, `samples` draws z ~ q(z|x): log p(x|z) and log p(z) - log q(z|x), each (batch, samples)."""
+        batch, latent_dim = tf.shape(mean)[0], tf.shape(mean)[1]
+        noise = self.generator.normal((batch, samples, latent_dim))
+        latent = mean[:, None, :] + tf.exp(log_variance[:, None, :] * 0.5) * noise
+        logits = self.model.decode(tf.reshape(latent, (-1, latent_dim)))
+        log_likelihood = -reconstruction_nll(tf.repeat(images, samples, axis=0), logits)
+        log_prior_ratio = (log_normal_pdf(latent, 0.0, 0.0)
+                           - log_normal_pdf(latent, mean[:, None, :], log_variance[:, None, :]))
+        return tf.reshape(log_likelihood, (batch, samples)), log_prior_ratio
+
+    def _log_weights(self, images, mean, log_variance, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """log p(x|z_i) and log w_i = log p(x, z_i) - log q(z_i|x) for `samples` draws, chunked to `decode_batch`."""
+        chunk = min(samples, self.cfg.decode_batch)
+        likelihoods, weights = [], []
+        for start in range(0, samples, chunk):
+            log_likelihood, log_prior_ratio = self._score(images, mean, log_variance, min(chunk, samples - start))
+            likelihoods.append(log_likelihood.numpy())
+            weights.append((log_likelihood + log_prior_ratio).numpy())
+        return np.concatenate(likelihoods, axis=1), np.concatenate(weights, axis=1)
+
+    def evaluate(self, images: np.ndarray) -> dict[str, float]:
+        """All metrics over `images` ((n, 28, 28) 0/1 uint8)."""
+        k, samples = self.cfg.iwae_k, self.cfg.samples
+        draws = max(k, samples)  # one set of draws serves both estimators: each uses the first ones it needs
+        images_per_step = max(1, self.cfg.decode_batch // min(draws, self.cfg.decode_batch))
+        steps = math.ceil(len(images) / images_per_step)
+        bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, unit_name="batch")
+        reconstruction, iwae, kl = [], [], []
+        started = time.perf_counter()
+        for step, begin in enumerate(range(0, len(images), images_per_step), start=1):
+            inputs = tf.constant(as_inputs(images[begin:begin + images_per_step]))
+            mean, log_variance = self.model.encode(inputs)
+            log_likelihood, log_weights = self._log_weights(inputs, mean, log_variance, draws)
+            reconstruction.append(-log_likelihood[:, :samples].mean(axis=1))
+            iwae.append(log_mean_exp(log_weights[:, :k]))
+            kl.append(analytic_kl(mean, log_variance).numpy())
+            bar.update(step)
+        log.info("IWAE with k=%d over %d images: %.1f s", k, len(images), time.perf_counter() - started)
+        nll, kl_mean = float(np.mean(np.concatenate(reconstruction))), float(np.mean(np.concatenate(kl)))
+        return {
+            "elbo": -(nll + kl_mean),
+            "reconstruction_nll": nll,
+            "kl": kl_mean,
+            "iwae": float(np.mean(np.concatenate(iwae))),
+            "iwae_k": k,
+            "samples": samples,
+            "images": len(images),
+            **self.mean_reconstruction_metrics(images),
+        }
+
+    def mean_reconstruction_metrics(self, images: np.ndarray) -> dict[str, float]:
+        """Pixel accuracy and per-pixel cross-entropy of decode(posterior mean); active units of the posterior means."""
+        means, _ = posterior(self.model, images)
+        correct = cross_entropy = 0.0
+        for start in range(0, len(images), 1000):
+            targets = as_inputs(images[start:start + 1000])
+            logits = self.model.decode(means[start:start + 1000])
+            correct += float(tf.reduce_sum(tf.cast((logits >= 0) == (targets >= 0.5), tf.float64)))
+            cross_entropy += float(tf.reduce_sum(reconstruction_nll(targets, logits)))
+        pixels = images.size
+        return {
+            "pixel_accuracy": correct / pixels,
+            "bce_per_pixel": cross_entropy / pixels,
+            "active_units": active_units(means),
+        }
+
+
+def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Latent dimensions d with Var_x(E_q[z_d | x]) > threshold (Burda et al., 2015)."""
+    return int(np.sum(np.var(posterior_means.astype(np.float64), axis=0) > threshold))
+
+
+def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, run_reference: Path,
+                       metrics_path: Path) -> dict[str, float]:
+    """The evaluate stage: score the trained model, write the metrics file, log them to the training's MLflow run."""
+    run_id = tracking.read_run_id(run_reference)
+    model = load_trained(model_path, params.model)
+    with tracking.active_run(params.tracking.experiment, run_id):
+        metrics = Evaluator(model, params.evaluate, params.seed).evaluate(test_images)
+        log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
+                 metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
+        write_json_atomic(metrics_path, metrics)
+        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()})
+    return metrics
