@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_COUNTS = {"train": 300, "test": 100}
@@ -112,8 +114,6 @@ def small_data():
 
 def params_with(**sections):
     """The shipped params.yaml with some keys replaced, e.g. params_with(train={"epochs": 2})."""
-    import yaml
-
     from cvae_pipeline.config import parse_params
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -123,3 +123,25 @@ def params_with(**sections):
         else:
             raw[section] = values
     return parse_params(yaml.safe_dump(raw))
+
+
+# --- end-to-end runs in a repository copy ------------------------------------------------------------------------
+
+TINY = {"model": {"latent_dim": 2}, "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3}}
+
+
+def setup_copy(repo, fake_mnist, **sections):
+    """Point the copy at the fake mirror and make its params tiny; returns the environment for its stages."""
+    mirror, manifest, _ = fake_mnist
+    shutil.copy(manifest, repo / "data/mnist.json")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in {**TINY, **sections}.items():
+        raw[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    return {"MNIST_MIRROR": str(mirror)}
+
+
+def runs_in(repo):
+    """The runs of the default experiment in the copy's own store (`mlflow.search_runs`, as a user would)."""
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["cvae-mnist"])

@@ -7,8 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run
-from test_stage_train import runs_in, setup_copy
+from conftest import run, runs_in, setup_copy
 
 pytestmark = pytest.mark.slow
 

@@ -12,30 +12,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import run, subprocess_env
+from conftest import TINY, run, runs_in, setup_copy, subprocess_env
 from cvae_pipeline.model import CVAE
 
 pytestmark = pytest.mark.slow
-
-TINY = {"model": {"latent_dim": 2}, "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3}}
-
-
-def setup_copy(repo, fake_mnist, **sections):
-    mirror, manifest, _ = fake_mnist
-    shutil.copy(manifest, repo / "data/mnist.json")
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in {**TINY, **sections}.items():
-        raw[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
-    return {"MNIST_MIRROR": str(mirror)}
-
-
-def runs_in(repo):
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["cvae-mnist"])
-
 
 def timeless(history: pd.DataFrame) -> pd.DataFrame:
     return history.drop(columns=["epoch_seconds", "images_per_second"])
