@@ -1,6 +1,7 @@
 """params.yaml loading: the shipped file validates, and every kind of broken file is refused with one clear line."""
 
 import copy
+import re
 import sys
 
 import pytest
@@ -10,7 +11,14 @@ from conftest import REPO, run
 from cvae_pipeline.config import ModelParams, Params, load_params, parse_params
 from cvae_pipeline.errors import ParamsError
 
-SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
+SHIPPED_TEXT = (REPO / "params.yaml").read_text()
+SHIPPED = yaml.safe_load(SHIPPED_TEXT)
+SECTIONS = "seed, data, model, train, evaluate, visualize, tracking"
+
+
+def with_learning_rate(literal: str) -> str:
+    """The shipped file, comments and all, with the learning rate written as `literal`."""
+    return re.sub(r"(?m)^(  learning_rate:) \S+", rf"\1 {literal}", SHIPPED_TEXT)
 
 
 def edited(change) -> str:
@@ -41,8 +49,8 @@ def test_tutorial_2020_configuration_is_reachable_by_params_alone():
 
 def test_exponent_floats_without_a_dot_are_numbers():
     # PyYAML alone reads `1e-3` as a string; DVC's `-S train.learning_rate=1e-3` writes exactly that.
-    text = (REPO / "params.yaml").read_text().replace("learning_rate: 1.0e-4", "learning_rate: 1e-3")
-    assert parse_params(text).train.learning_rate == 1e-3
+    assert parse_params(with_learning_rate("1e-3")).train.learning_rate == 1e-3
+    assert parse_params(with_learning_rate("2E-5")).train.learning_rate == 2e-5
 
 
 def test_integers_are_accepted_where_numbers_are_expected():
@@ -66,7 +74,7 @@ BROKEN = [
     ("string lr", edited(_set("train", "learning_rate", "fast")),
      "train.learning_rate must be a positive finite number, got 'fast'"),
     ("negative lr", edited(_set("train", "learning_rate", -0.1)), "train.learning_rate must be a positive finite"),
-    ("nan lr", (REPO / "params.yaml").read_text().replace("learning_rate: 1.0e-4", "learning_rate: .nan"),
+    ("nan lr", with_learning_rate(".nan"),
      "train.learning_rate must be a positive finite number, got nan"),
     ("threshold 1", edited(_set("data", "threshold", 1.0)), "data.threshold must be a number in (0, 1), got 1.0"),
     ("limit zero", edited(_set("data", "train_limit", 0)),
@@ -89,11 +97,11 @@ BROKEN = [
     ("missing key", edited(lambda raw: raw["train"].pop("epochs")), "missing key train.epochs (a positive integer)"),
     ("missing section", edited(lambda raw: raw.pop("model")), "missing key model (a section with keys latent_dim"),
     ("section not a mapping", edited(lambda raw: raw.update(data=[1, 2])), "data must be a mapping with keys"),
-    ("top level list", "- 1\n- 2\n", "the file must be a mapping with keys seed, data, model, train, tracking"),
+    ("top level list", "- 1\n- 2\n", f"the file must be a mapping with keys {SECTIONS}"),
     ("syntax error", "train:\n  epochs: [1, 2\n", "params.yaml: YAML syntax error at line"),
     ("tab indentation", "train:\n\tepochs: 3\n", "params.yaml: YAML syntax error"),
     ("duplicate key", "seed: 0\nseed: 1\n", "duplicate key 'seed'"),
-    ("empty file", "", "params.yaml: the file is empty; expected the keys seed, data, model, train, tracking"),
+    ("empty file", "", f"params.yaml: the file is empty; expected the keys {SECTIONS}"),
     ("comments only", "# nothing here\n", "the file is empty"),
 ]
 

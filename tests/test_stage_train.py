@@ -45,7 +45,7 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     assert found["status"] == "FINISHED"
     assert found["params.train.batch_size"] == "50" and found["params.model.latent_dim"] == "2"
     assert found["params.data.train_limit"] == "null" and found["params.model.encoder_filters"] == "[32, 64]"
-    assert found["artifact_uri"].startswith(str(repo_copy / "mlruns"))
+    assert found["artifact_uri"].startswith((repo_copy / "mlruns").as_uri())
     assert found["tags.device"] == "CPU" and found["tags.tensorflow_version"]
     assert len(found["tags.mlflow.source.git.commit"]) == 40 and found["tags.git_dirty"] == "true"
     client = mlflow.MlflowClient()
