@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 # The venv's bin/ first on PATH: dvc.yaml runs `python`, and `dvc queue` workers run `dvc` from PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint venv clean-venv
+# The MLflow UI: loopback only unless UI_HOST says otherwise (it has no authentication).
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+STORE ?= sqlite:///$(CURDIR)/mlflow.db
+COMPARE := reports/compare
+
+.PHONY: repro test lint venv clean-venv ui compare
 
 venv: $(STAMP)
 
@@ -24,6 +30,12 @@ lint: $(STAMP)
 
 test: lint
 	pytest
+
+ui: $(STAMP)
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
+
+compare: $(STAMP)
+	python -m cvae_pipeline.comparison --out $(COMPARE)
 
 clean-venv:
 	rm -rf $(VENV)

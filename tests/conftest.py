@@ -49,22 +49,28 @@ def write_manifest(path: Path, arrays: dict[str, np.ndarray], mirrors: list[str]
     return path
 
 
-@pytest.fixture
-def fake_mnist(tmp_path):
+def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
     """A mirror folder of small gzipped IDX files, and a manifest with their MD5 sums."""
     arrays = fake_arrays()
-    mirror = tmp_path / "mirror"
+    mirror = folder / "mirror"
     mirror.mkdir()
     for key, array in arrays.items():
         (mirror / f"{IDX_NAMES[key]}.gz").write_bytes(gzip.compress(idx_bytes(array), mtime=0))
-    manifest = write_manifest(tmp_path / "manifest.json", arrays)
+    manifest = write_manifest(folder / "manifest.json", arrays)
     return mirror, manifest, arrays
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    return write_fake_mnist(tmp_path)
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror or MLflow
     store (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME",
+                        "DVC_EXP_BASELINE_REV")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(overrides)
     return env
@@ -82,10 +88,8 @@ def _project_files() -> list[str]:
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
 
-@pytest.fixture
-def repo_copy(tmp_path):
+def make_repo_copy(copy: Path) -> Path:
     """A fresh git + DVC repository holding the project's files as a clone would: no outputs, no cache."""
-    copy = tmp_path / "repo"
     for name in _project_files():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name)
@@ -93,6 +97,11 @@ def repo_copy(tmp_path):
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=copy, check=True, capture_output=True)
     return copy
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    return make_repo_copy(tmp_path / "repo")
 
 
 def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

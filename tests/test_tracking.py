@@ -38,6 +38,24 @@ def test_params_are_flattened_as_params_yaml_spells_them():
                             if line.startswith("  ") and ":" in line) + 1  # every key of every section, and seed
 
 
+def test_experiment_tags_name_the_baseline_and_the_sweep(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "hazy-leaf")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef0123456789abcdef01234567")
+    tags = tracking.source_tags(params_with())
+    assert tags["dvc_experiment"] == "hazy-leaf"
+    assert tags["dvc_baseline"] == "0123456789abcdef0123456789abcdef01234567"
+    assert tags["sweep"] == "0123456"  # by default, every experiment of one commit
+    assert tracking.source_tags(params_with(tracking={"sweep": "latent"}))["sweep"] == "latent"
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert "sweep" not in tracking.source_tags(params_with())
+
+
+def test_dvc_root_names_the_main_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

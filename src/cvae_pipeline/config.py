@@ -75,6 +75,7 @@ def integer_list(length: int) -> Rule:
 
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+OPTIONAL_NAME = Rule("a non-empty string or null", lambda v: v is None or NAME.check(v))
 SEED = integer(0)
 
 
@@ -126,6 +127,7 @@ class VisualizeParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment: str = param(NAME)
+    sweep: str | None = param(OPTIONAL_NAME)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
 stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
 `MLFLOW_TRACKING_URI` overrides it. Train creates the run and records its id in a declared output; later stages
-reopen that run by id.
+reopen that run by id. Runs of DVC experiments are named after them and tagged with their baseline commit and a
+sweep id (`tracking.sweep`, else the baseline's short hash), so that one sweep's runs can be found together.
 """
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -23,11 +25,16 @@ log = logging.getLogger(__name__)
 
 URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
+BASELINE_ENV = "DVC_EXP_BASELINE_REV"
+DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage; for a queued experiment, to the main repository
 _EXPERIMENT_COPY = (".dvc", "tmp", "exps")
 
 
 def repository_root(directory: str | Path | None = None) -> Path:
-    """The main repository: `directory` itself, or the repository a DVC experiment copy inside it belongs to."""
+    """The main repository: `DVC_ROOT` when DVC runs the stage, else `directory` (default: the working directory)
+    itself or the repository that a DVC experiment copy inside it belongs to."""
+    if directory is None and os.environ.get(DVC_ROOT_ENV):
+        return Path(os.environ[DVC_ROOT_ENV]).resolve()
     path = Path(directory or os.getcwd()).resolve()
     parts = path.parts
     for index in range(len(parts) - len(_EXPERIMENT_COPY) + 1):
@@ -46,6 +53,19 @@ def _artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialize the first touch of a SQLite store across processes: creating its tables and an experiment race
+    when two `dvc queue` workers start at once. Servers need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///")).resolve().with_suffix(".db.lock")
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -71,8 +91,8 @@ def _git(*args: str) -> str:
         return ""
 
 
-def source_tags() -> dict[str, str]:
-    """Git commit and dirtiness, and the DVC experiment name when DVC runs the stage as an experiment."""
+def source_tags(params: Params) -> dict[str, str]:
+    """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep."""
     tags = {}
     commit = _git("rev-parse", "HEAD")
     if commit:
@@ -81,6 +101,13 @@ def source_tags() -> dict[str, str]:
     experiment = os.environ.get(EXPERIMENT_NAME_ENV)
     if experiment:
         tags["dvc_experiment"] = experiment
+    baseline = os.environ.get(BASELINE_ENV)
+    if baseline:
+        tags["dvc_baseline"] = baseline
+    # A sweep is what the user names it, else every experiment run from the same commit.
+    sweep = params.tracking.sweep or (baseline[:7] if baseline else None)
+    if sweep:
+        tags["sweep"] = sweep
     return tags
 
 
@@ -94,7 +121,11 @@ def _mlflow():
 def ensure_experiment(name: str) -> str:
     """The experiment's id, created if needed (tolerating a concurrent creation by another stage)."""
     mlflow = _mlflow()
-    client = mlflow.MlflowClient()
+    with _store_lock(tracking_uri()):  # the client's first use creates the store's tables
+        return _get_or_create_experiment(mlflow, mlflow.MlflowClient(), name)
+
+
+def _get_or_create_experiment(mlflow, client, name: str) -> str:
     try:
         existing = client.get_experiment_by_name(name)
         if existing is not None:

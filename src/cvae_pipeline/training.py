@@ -197,7 +197,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     state = trainer.restore_checkpoint(outputs.checkpoint)
     log.info("training on %s with %s precision; MLflow store %s", device, params.train.precision,
              tracking.tracking_uri())
-    tags = {**tracking.source_tags(), "device": device, "tensorflow_version": tf.__version__}
+    tags = {**tracking.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
     with tracking.active_run(params.tracking.experiment, state.run_id, tags.get("dvc_experiment"), tags) as run:
         if state.run_id is None:
             tracking.log_params(params)

@@ -1,0 +1,128 @@
+"""Compare DVC experiments: one table of every experiment's params and metrics, and a plot against what varied.
+
+`python -m cvae_pipeline.comparison --out reports/compare` (or `make compare`) reads the experiments of the current
+commit with `dvc.api.exp_show` and writes `<out>.csv` (every param and metric), `<out>.md` (the params that vary and
+the headline metrics, sorted by test ELBO, best first) and `<out>.png` (test ELBO, IWAE and KL against the first
+param that varies, one line per value of the second if there is one).
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import dvc.api
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cvae_pipeline.config import Params
+from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.fileio import atomic_path
+
+HEADLINE = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy", "train_seconds"]
+
+
+def param_keys(cls: type = Params, prefix: str = "") -> list[str]:
+    """Every key of params.yaml by its path (`train.batch_size`), in file order."""
+    keys = []
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(field.type):
+            keys += param_keys(field.type, f"{prefix}{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def experiments_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per experiment (and its baseline commit), params then metrics, best test ELBO first."""
+    table = pd.DataFrame(rows)
+    if table.empty or "elbo" not in table:
+        raise UserInputError("no experiments with evaluate metrics here; run `dvc exp run` (see README, Sweeps)")
+    table = table[(table["rev"] != "workspace") & table["elbo"].notna()].copy()
+    table.insert(0, "experiment", table["Experiment"].fillna(table["rev"]))
+    params = [key for key in param_keys() if key in table]
+    metrics = [column for column in table.columns
+               if column not in params and column not in ("experiment", "Experiment", "rev", "typ", "Created",
+                                                          "parent", "State", "Executor")
+               and pd.api.types.is_numeric_dtype(table[column])]
+    table = table[["experiment", "rev", *params, *metrics]]
+    for key in params:
+        table[key] = table[key].map(_as_in_params_file)
+    return table.sort_values("elbo", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _as_in_params_file(value):
+    """DVC reports 50 as 50.0, null as 'None', false as 'False': show them as params.yaml spells them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return {"None": "null", "False": "false", "True": "true"}.get(value, value) if isinstance(value, str) else value
+
+
+def varied(table: pd.DataFrame) -> list[str]:
+    return [key for key in param_keys() if key in table and table[key].astype(str).nunique() > 1]
+
+
+def markdown(table: pd.DataFrame) -> str:
+    changing = varied(table)
+    constant = [key for key in param_keys() if key in table and key not in changing]
+    shown = table[["experiment", *changing, *[m for m in HEADLINE if m in table]]]
+    fixed = ", ".join(f"`{key}={table[key].iloc[0]}`" for key in constant)
+    return (f"# Experiments, best test ELBO first\n\n{shown.to_markdown(index=False, floatfmt='.4g')}\n\n"
+            f"Metrics in nats per test image (`elbo`, `iwae`: higher is better). Same in every row: {fixed}.\n")
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    changing = varied(table)
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2)
+    if not changing:
+        figure.suptitle("No param varies between these experiments")
+    else:
+        x, group = changing[0], (changing[1] if len(changing) > 1 else None)
+        groups = table.groupby(group, sort=True) if group else [(None, table)]
+        for value, rows in groups:
+            rows = rows.sort_values(x, key=lambda column: pd.to_numeric(column, errors="coerce"))
+            label = f"{group}={value}" if group else None
+            axes[0].plot(rows[x].astype(str), rows["elbo"], marker="o", label=f"ELBO {label or ''}".strip())
+            axes[0].plot(rows[x].astype(str), rows["iwae"], marker="s", linestyle="--",
+                         label=f"IWAE (k={int(rows['iwae_k'].iloc[0])}) {label or ''}".strip())
+            axes[1].plot(rows[x].astype(str), rows["kl"], marker="o", label=label)
+        axes[0].set_title("Test bounds on log p(x) (higher is better)")
+        axes[1].set_title("Test KL(q(z|x) || p(z))")
+        for ax in axes:
+            ax.set_xlabel(x)
+            ax.set_ylabel("nats per image")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        if group:
+            axes[1].legend()
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png", metadata={"Software": None})
+
+
+def write_comparison(rows: list[dict], out: Path) -> pd.DataFrame:
+    table = experiments_table(rows)
+    with atomic_path(out.with_suffix(".csv")) as temporary:
+        table.to_csv(temporary, index=False)
+    with atomic_path(out.with_suffix(".md")) as temporary:
+        temporary.write_text(markdown(table))
+    plot(table, out.with_suffix(".png"))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="path prefix of the .csv, .md and .png")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    args = parser.parse_args()
+    try:
+        table = write_comparison(dvc.api.exp_show(num=-1 if args.all_commits else 1), args.out)
+    except UserInputError as error:
+        print(error, file=sys.stderr)
+        sys.exit(error.exit_code)
+    print(f"{len(table)} experiments -> {args.out}.csv, {args.out}.md, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Sweeps: `dvc exp run --queue` with 2 workers into the main repository's MLflow store; the UI; the comparison."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import REPO, make_repo_copy, run, runs_in, setup_copy, subprocess_env, write_fake_mnist
+from cvae_pipeline.comparison import write_comparison
+
+pytestmark = pytest.mark.slow
+
+SWEEP = ["-S", "model.latent_dim=2,3", "-S", "train.epochs=1,2", "-S", "tracking.sweep=grid"]  # 4 experiments
+QUEUE_TIMEOUT_S = 900
+
+
+def queue_states(repo) -> list[str]:
+    status = run(["dvc", "queue", "status"], repo)
+    return [line.split()[-1] for line in status.stdout.splitlines()[1:] if line.strip() and "Worker" not in line
+            and not line.startswith(("Worker", "No "))]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A repository copy in which a queued sweep of 4 experiments ran with 2 workers."""
+    folder = tmp_path_factory.mktemp("sweep")
+    repo = make_repo_copy(folder / "repo")
+    env = setup_copy(repo, write_fake_mnist(folder), evaluate={"iwae_k": 5, "samples": 1})
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny"], cwd=repo, check=True)
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    queued = run(["dvc", "exp", "run", "--queue", *SWEEP], repo, **env)
+    assert queued.returncode == 0, queued.stderr
+    started = run(["dvc", "queue", "start", "-j", "2"], repo, **env)
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        states = queue_states(repo)
+        if len(states) == 4 and all(state in ("Success", "Failed") for state in states):
+            break
+        time.sleep(3)
+    run(["dvc", "queue", "stop"], repo)
+    names = run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    return {"repo": repo, "env": env, "baseline": baseline, "states": states, "names": names}
+
+
+def test_every_experiment_runs_and_lands_in_the_main_store_complete(sweep):
+    repo = sweep["repo"]
+    assert sweep["states"] == ["Success"] * 4, run(["dvc", "queue", "status"], repo).stdout
+    assert len(sweep["names"]) == 4
+    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))  # no store inside the copies
+
+    runs = runs_in(repo)
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.mlflow.runName"]) == set(sweep["names"])
+    assert set(runs["tags.dvc_experiment"]) == set(sweep["names"])
+    assert set(runs["tags.dvc_baseline"]) == {sweep["baseline"]}
+    assert set(runs["tags.sweep"]) == {"grid"}
+    client = mlflow.MlflowClient()
+    for _, found in runs.iterrows():
+        epochs = int(found["params.train.epochs"])
+        assert [m.step for m in client.get_metric_history(found["run_id"], "test_elbo")] == list(range(1, epochs + 1))
+        for metric in ("eval_elbo", "eval_iwae", "eval_active_units", "final_test_elbo"):
+            assert pd.notna(found[f"metrics.{metric}"]), metric
+        figures = {a.path for a in client.list_artifacts(found["run_id"], "figures")}
+        assert "figures/training_progress.gif" in figures and len(figures) >= 5
+        assert client.list_artifacts(found["run_id"]) != []  # and the model beside them
+
+
+def test_no_worker_saw_a_locked_database(sweep):
+    for name in sweep["names"]:
+        logs = run(["dvc", "queue", "logs", name], sweep["repo"])
+        assert "database is locked" not in logs.stdout + logs.stderr
+
+
+def test_dvc_compares_experiments(sweep):
+    repo, (first, second, *_) = sweep["repo"], sweep["names"]
+    shown = run(["dvc", "exp", "show", "--json"], repo)
+    assert shown.returncode == 0 and all(name in shown.stdout for name in sweep["names"])
+    diff = run(["dvc", "exp", "diff", first, second, "--json"], repo)
+    assert diff.returncode == 0, diff.stderr
+    assert json.loads(diff.stdout)["params"]["params.yaml"]
+    metrics = run(["dvc", "metrics", "diff", first, second, "--json"], repo)
+    assert metrics.returncode == 0, metrics.stderr
+    assert "elbo" in json.loads(metrics.stdout)["reports/metrics.json"]
+    plots = run(["dvc", "plots", "diff", first, second, "--json"], repo)
+    assert plots.returncode == 0 and "test_elbo" in plots.stdout, plots.stderr
+
+
+def test_comparison_table_and_plot(sweep, monkeypatch):
+    import dvc.api
+
+    monkeypatch.chdir(sweep["repo"])
+    table = write_comparison(dvc.api.exp_show(), sweep["repo"] / "reports/compare")
+    experiments = table[table["experiment"].isin(sweep["names"])]
+    assert len(experiments) == 4
+    assert table["elbo"].is_monotonic_decreasing  # best first
+    assert {"model.latent_dim", "train.epochs", "iwae", "kl", "active_units"} <= set(table.columns)
+    assert len(pd.read_csv(sweep["repo"] / "reports/compare.csv")) == len(table)
+    text = (sweep["repo"] / "reports/compare.md").read_text()
+    header = text.splitlines()[2]
+    assert "model.latent_dim" in header and "train.epochs" in header
+    assert all(name in text for name in sweep["names"])
+    assert "`train.batch_size=50`" in text and "`data.train_limit=null`" in text  # as params.yaml spells them
+    assert (sweep["repo"] / "reports/compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(sweep):
+    """The real MLflow UI server, started as `make ui` starts it, on a free loopback port."""
+    dry_run = subprocess.run(["make", "-n", "ui"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "--host 127.0.0.1" in dry_run  # loopback by default, never 0.0.0.0
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep['repo'] / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=sweep["repo"],
+                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield base
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+def api(base: str, path: str, payload: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", method="POST" if payload else "GET",
+                                     data=json.dumps(payload).encode() if payload else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_ui_rest_api_finds_the_sweep_with_its_metrics(sweep, ui):
+    experiment = api(ui, "experiments/get-by-name?experiment_name=cvae-mnist")["experiment"]
+    found = api(ui, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                    "filter": "tags.sweep = 'grid'", "max_results": 50})["runs"]
+    assert {r["info"]["run_name"] for r in found} == set(sweep["names"])
+    for found_run in found:
+        metrics = {m["key"] for m in found_run["data"]["metrics"]}
+        assert {"eval_elbo", "eval_iwae", "test_elbo", "train_loss"} <= metrics
+
+
+def chromium() -> str:
+    """Debian's headless Chromium, installed with apt when missing (as root); skips when that is impossible."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        quiet = {"capture_output": True, "timeout": 900, "env": {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}}
+        subprocess.run(["apt-get", "update", "-q"], **quiet)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], **quiet)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is not installed and could not be installed (needs apt-get as root)")
+    return found
+
+
+def test_ui_experiment_page_renders_the_run_names_in_headless_chromium(sweep, ui, tmp_path):
+    experiment = api(ui, "experiments/get-by-name?experiment_name=cvae-mnist")["experiment"]
+    page = f"{ui}/#/experiments/{experiment['experiment_id']}/runs"
+    rendered = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
+         "--virtual-time-budget=20000", "--dump-dom", page],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    missing = [name for name in sweep["names"] if name not in rendered.stdout]
+    assert not missing, f"run names not rendered: {missing}"
