@@ -103,3 +103,19 @@ def test_final_metrics_summarize_the_history():
     final = final_metrics(history)
     assert final == {"epochs": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
                      "train_seconds": 5.0, "images_per_second": 200.0}
+
+
+def test_steps_per_call_changes_the_loop_not_the_numbers(small_data, tmp_path):
+    _, per_step = train_fresh(small_params(epochs=1), small_data, tmp_path / "a.npz")
+    _, chunked = train_fresh(small_params(epochs=1, steps_per_call=5), small_data, tmp_path / "b.npz")  # 5+5+5+1
+    assert timeless(chunked.history) == timeless(per_step.history)
+
+
+def test_divergence_inside_a_chunk_names_the_exact_step(small_data, tmp_path):
+    per_step = Trainer(small_params(learning_rate=1e30), small_data)
+    with pytest.raises(TrainingError) as first:
+        per_step.train_epoch(1)
+    chunked = Trainer(small_params(learning_rate=1e30, steps_per_call=16), small_data)
+    with pytest.raises(TrainingError) as second:
+        chunked.train_epoch(1)
+    assert str(first.value) == str(second.value)

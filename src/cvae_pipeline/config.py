@@ -106,6 +106,7 @@ class TrainParams:
     beta: float = param(number(0.0, low_inclusive=True))
     precision: str = param(choice(*PRECISIONS))
     jit_compile: bool = param(BOOLEAN)
+    steps_per_call: int = param(integer(1))
     eval_limit: int | None = param(integer(1, optional=True))
 
 

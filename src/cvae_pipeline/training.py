@@ -68,6 +68,8 @@ class Trainer:
         self.eval_noise = rng.standard_normal((len(self.eval_images), latent)).astype(np.float32)
         self.progress_latent = rng.standard_normal((PROGRESS_IMAGES, latent)).astype(np.float32)
         self._train_step = tf.function(self._step, jit_compile=cfg.jit_compile)
+        # The loop over a call's steps stays outside XLA: it reads the tf.data iterator.
+        self._train_steps = tf.function(self._steps)
         self._eval_step = tf.function(self._eval, jit_compile=cfg.jit_compile)
 
     def fingerprint(self) -> str:
@@ -86,6 +88,13 @@ class Trainer:
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables, strict=True))
         return loss
 
+    def _steps(self, iterator, count):
+        """`count` optimizer steps in one compiled call; their losses, in order."""
+        losses = tf.TensorArray(tf.float32, size=count)
+        for index in tf.range(count):
+            losses = losses.write(index, self._train_step(next(iterator)))
+        return losses.stack()
+
     def _eval(self, images, noise):
         reconstruction, kl = elbo_terms(self.model, tf.cast(images, tf.float32), noise, "analytic")
         return tf.reduce_sum(reconstruction), tf.reduce_sum(kl)
@@ -98,14 +107,19 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                   stateful_metrics=["loss"], unit_name="step")
-        started, total = time.perf_counter(), 0.0
-        for step, images in enumerate(self.epoch_batches(epoch), start=1):
-            loss = float(self._train_step(images))
-            if not math.isfinite(loss):
-                raise TrainingError(f"training diverged: loss is {loss} at epoch {epoch}, step {step}; "
+        started, total, done = time.perf_counter(), 0.0, 0
+        iterator = iter(self.epoch_batches(epoch))
+        while done < self.steps_per_epoch:
+            count = min(self.params.train.steps_per_call, self.steps_per_epoch - done)
+            losses = self._train_steps(iterator, tf.constant(count)).numpy()
+            diverged = np.flatnonzero(~np.isfinite(losses))
+            if diverged.size:
+                step = done + int(diverged[0]) + 1
+                raise TrainingError(f"training diverged: loss is {losses[diverged[0]]} at epoch {epoch}, step {step}; "
                                     f"try a lower train.learning_rate (now {self.params.train.learning_rate:g})")
-            total += loss
-            bar.update(step, [("loss", total / step)])
+            done += count
+            total += math.fsum(losses.tolist())
+            bar.update(done, [("loss", total / done)])
         seconds = time.perf_counter() - started
         return {"train_loss": total / self.steps_per_epoch, "epoch_seconds": seconds,
                 "images_per_second": len(self.train_images) / seconds}
