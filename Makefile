@@ -12,7 +12,7 @@ UI_PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
 COMPARE := reports/compare
 
-.PHONY: repro test lint venv clean-venv ui compare
+.PHONY: repro test lint venv clean-venv ui compare bench
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ ui: $(STAMP)
 
 compare: $(STAMP)
 	python -m cvae_pipeline.comparison --out $(COMPARE)
+
+# Minutes: see benchmarks/run.py. BENCH_FLAGS=--quick skips time to quality and the full IWAE.
+bench: $(STAMP)
+	python benchmarks/run.py $(BENCH_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

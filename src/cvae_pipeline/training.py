@@ -60,7 +60,11 @@ class Trainer:
         self.generator = tf.random.Generator.from_seed(params.seed)
 
         self.train_images = data.train.images[..., None]
-        self._dataset = tf.data.Dataset.from_tensor_slices(self.train_images).cache()
+        # The images stay where the model runs (on the GPU when there is one, 47 MB as uint8); tf.data shuffles and
+        # batches only their indices, and each step gathers its batch there: no host-to-device copy per step.
+        with tf.device("/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"):
+            self._images_on_device = tf.identity(tf.constant(self.train_images))
+        self._indices = tf.data.Dataset.range(len(self.train_images))
         self.steps_per_epoch = math.ceil(len(self.train_images) / cfg.batch_size)
         self.eval_images = data.test.images[: cfg.eval_limit, ..., None]
         rng = np.random.default_rng([params.seed, 1])
@@ -92,7 +96,8 @@ class Trainer:
         """`count` optimizer steps in one compiled call; their losses, in order."""
         losses = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):
-            losses = losses.write(index, self._train_step(next(iterator)))
+            batch = tf.gather(self._images_on_device, next(iterator))
+            losses = losses.write(index, self._train_step(batch))
         return losses.stack()
 
     def _eval(self, images, noise):
@@ -101,7 +106,7 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> tf.data.Dataset:
         """This epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches."""
-        shuffled = self._dataset.shuffle(len(self.train_images), seed=self.params.seed * 100_003 + epoch)
+        shuffled = self._indices.shuffle(len(self.train_images), seed=self.params.seed * 100_003 + epoch)
         return shuffled.batch(self.params.train.batch_size).prefetch(tf.data.AUTOTUNE)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
