@@ -198,7 +198,9 @@ MEASURES = {"peak": measure_peak, "project": measure_project, "reference": measu
 
 def measure(name: str, config: dict | None = None) -> dict:
     """Run one measurement in a fresh process and return what it printed (JSON)."""
-    args = [str(Path(__file__).resolve()), "--measure", name, *(["--config", json.dumps(config)] if config else [])]
+    args = [str(Path(__file__).resolve()), "--measure", name]
+    if config is not None:
+        args += ["--config", json.dumps(config)]
     return json.loads(python(*args).strip().splitlines()[-1])
 
 
