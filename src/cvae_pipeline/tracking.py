@@ -47,23 +47,27 @@ def tracking_uri() -> str:
     return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str) -> str | None:
     """For a SQLite store, `mlruns/` beside the database file. MLflow's own default, `./mlruns` of whichever process
     creates the experiment, could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    database = _sqlite_file(uri)
+    return (database.parent / "mlruns").as_uri() if database else None
 
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Serialize the first touch of a SQLite store across processes: creating its tables and an experiment race
     when two `dvc queue` workers start at once. Servers need no lock."""
-    if not uri.startswith("sqlite:///"):
+    database = _sqlite_file(uri)
+    if database is None:
         yield
         return
-    lock_path = Path(uri.removeprefix("sqlite:///")).resolve().with_suffix(".db.lock")
-    with open(lock_path, "a") as lock_file:
+    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
         yield
 
