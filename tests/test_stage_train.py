@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import TINY, run, runs_in, setup_copy, subprocess_env
 from cvae_pipeline.model import CVAE
@@ -26,7 +27,8 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     env = setup_copy(repo_copy, fake_mnist)
     result = run(["dvc", "repro", "train"], repo_copy, **env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train: training on CPU with float32 precision" in result.stderr
+    precision = yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["precision"]
+    assert f"train: training on CPU with {precision} precision" in result.stderr
 
     history = pd.read_csv(repo_copy / "reports/train_history.csv")
     assert history["epoch"].tolist() == [1, 2]
