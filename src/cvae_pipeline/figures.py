@@ -75,10 +75,12 @@ def latent_manifold(model: CVAE, cfg: VisualizeParams, path: Path) -> None:
     decoded = decode_probabilities(model, np.stack([z1.ravel(), z2.ravel()], axis=1))
     figure = Figure(figsize=(8, 8.4))
     axes = figure.subplots()
-    half = 14.0 / 28.0 * (quantiles[1] - quantiles[0])
+    # One unit per cell; the quantiles are not evenly spaced in z, so the ticks name the z of their cell.
     axes.imshow(tile(decoded, size), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest",
-                extent=(quantiles[0] - half * 2, quantiles[-1] + half * 2, quantiles[0] - half * 2,
-                        quantiles[-1] + half * 2))
+                extent=(0, size, 0, size))
+    ticks = np.unique(np.linspace(0, size - 1, min(size, 7)).round().astype(int))
+    axes.set_xticks(ticks + 0.5, [f"{quantiles[i]:.2f}" for i in ticks])
+    axes.set_yticks(ticks + 0.5, [f"{quantiles[i]:.2f}" for i in ticks])
     axes.set_title(f"Latent manifold: decoded z on a {size}x{size} grid of N(0, 1) quantiles (5%-95%)")
     axes.set_xlabel("z[0]")
     axes.set_ylabel("z[1]")
