@@ -22,7 +22,7 @@ import tensorflow as tf
 from cvae_pipeline import tracking
 from cvae_pipeline.config import EvaluateParams, Params
 from cvae_pipeline.fileio import write_json_atomic
-from cvae_pipeline.inference import as_inputs, load_trained, posterior
+from cvae_pipeline.inference import BATCH, as_inputs, load_trained
 from cvae_pipeline.losses import analytic_kl, log_normal_pdf, reconstruction_nll
 from cvae_pipeline.model import CVAE
 
@@ -73,7 +73,7 @@ class Evaluator:
         images_per_step = max(1, self.cfg.decode_batch // min(draws, self.cfg.decode_batch))
         steps = math.ceil(len(images) / images_per_step)
         bar = keras.utils.Progbar(steps, verbose=1 if sys.stdout.isatty() else 2, unit_name="batch")
-        reconstruction, iwae, kl = [], [], []
+        reconstruction, iwae, kl, means = [], [], [], []
         started = time.perf_counter()
         for step, begin in enumerate(range(0, len(images), images_per_step), start=1):
             inputs = tf.constant(as_inputs(images[begin:begin + images_per_step]))
@@ -82,6 +82,7 @@ class Evaluator:
             reconstruction.append(-log_likelihood[:, :samples].mean(axis=1))
             iwae.append(log_mean_exp(log_weights[:, :k]))
             kl.append(analytic_kl(mean, log_variance).numpy())
+            means.append(mean.numpy())
             bar.update(step)
         log.info("IWAE with k=%d over %d images: %.1f s", k, len(images), time.perf_counter() - started)
         nll, kl_mean = float(np.mean(np.concatenate(reconstruction))), float(np.mean(np.concatenate(kl)))
@@ -93,16 +94,15 @@ class Evaluator:
             "iwae_k": k,
             "samples": samples,
             "images": len(images),
-            **self.mean_reconstruction_metrics(images),
+            **self.mean_reconstruction_metrics(images, np.concatenate(means)),
         }
 
-    def mean_reconstruction_metrics(self, images: np.ndarray) -> dict[str, float]:
+    def mean_reconstruction_metrics(self, images: np.ndarray, means: np.ndarray) -> dict[str, float]:
         """Pixel accuracy and per-pixel cross-entropy of decode(posterior mean); active units of the posterior means."""
-        means, _ = posterior(self.model, images)
         correct = cross_entropy = 0.0
-        for start in range(0, len(images), 1000):
-            targets = as_inputs(images[start:start + 1000])
-            logits = self.model.decode(means[start:start + 1000])
+        for start in range(0, len(images), BATCH):
+            targets = as_inputs(images[start:start + BATCH])
+            logits = self.model.decode(means[start:start + BATCH])
             correct += float(tf.reduce_sum(tf.cast((logits >= 0) == (targets >= 0.5), tf.float64)))
             cross_entropy += float(tf.reduce_sum(reconstruction_nll(targets, logits)))
         pixels = images.size
