@@ -34,6 +34,8 @@ CONFIGS = {  # name: train params over params.yaml
     "float32, 120 steps a call": {"precision": "float32", "batch_size": 100, "steps_per_call": 120},
     "mixed_bfloat16, 1 step a call": {"precision": "mixed_bfloat16", "batch_size": 100, "steps_per_call": 1},
     "mixed_bfloat16, 120 steps a call": {"precision": "mixed_bfloat16", "batch_size": 100, "steps_per_call": 120},
+    "mixed_bfloat16, batch 250, 1 step a call": {"precision": "mixed_bfloat16", "batch_size": 250, "steps_per_call": 1},
+    "mixed_bfloat16, batch 500, 1 step a call": {"precision": "mixed_bfloat16", "batch_size": 500, "steps_per_call": 1},
 }
 
 

@@ -44,3 +44,15 @@ def test_saved_model_loads_in_safe_mode_with_the_same_outputs(tmp_path):
     images = np.random.default_rng(1).random((2, 28, 28, 1), dtype="float32")
     np.testing.assert_array_equal(model(images), loaded(images))
     assert loaded.latent_dim == 2
+
+
+def test_mixed_precision_computes_in_bfloat16_but_hands_out_float32():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_cvae(ModelParams(3, (32, 64), (64, 32)))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert model.decoder.get_layer("decoder_logits").compute_dtype == "bfloat16"
+    images = np.random.default_rng(2).integers(0, 2, (2, 28, 28, 1)).astype("float32")
+    mean, log_variance = model.encode(images)
+    assert mean.dtype == log_variance.dtype == model.decode(mean).dtype == model(images).dtype == "float32"
