@@ -149,7 +149,7 @@ def measure_mlflow() -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         params = params_with()
         started = time.perf_counter()
-        with tracking.active_run("bench"):
+        with tracking.active_run(params.tracking):
             tracking.log_params(params)
             setup = time.perf_counter() - started
             epoch_costs = []

@@ -71,6 +71,7 @@ BROKEN = [
     ("zero epochs", edited(_set("train", "epochs", 0)), "train.epochs must be a positive integer, got 0"),
     ("float latent", edited(_set("model", "latent_dim", 2.5)), "model.latent_dim must be a positive integer, got 2.5"),
     ("bool latent", edited(_set("model", "latent_dim", True)), "model.latent_dim must be a positive integer, got true"),
+    ("zero latent", edited(_set("model", "latent_dim", 0)), "model.latent_dim must be a positive integer, got 0"),
     ("string lr", edited(_set("train", "learning_rate", "fast")),
      "train.learning_rate must be a positive finite number, got 'fast'"),
     ("negative lr", edited(_set("train", "learning_rate", -0.1)), "train.learning_rate must be a positive finite"),
@@ -90,6 +91,8 @@ BROKEN = [
      "train.jit_compile must be true or false, got 'yes'"),
     ("empty experiment", edited(_set("tracking", "experiment", " ")),
      "tracking.experiment must be a non-empty string, got ' '"),
+    ("required not a bool", edited(_set("tracking", "required", "no")),
+     "tracking.required must be true or false, got 'no'"),
     ("negative seed", edited(lambda raw: raw.update(seed=-1)), "seed must be an integer >= 0, got -1"),
     ("unknown key", edited(_set("train", "batchsize", 10)),
      "unknown key train.batchsize (allowed in train: epochs, batch_size, learning_rate, kl, beta, "),
@@ -106,6 +109,7 @@ BROKEN = [
 ]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(("text", "message"), [case[1:] for case in BROKEN], ids=[case[0] for case in BROKEN])
 def test_broken_params_name_the_key_and_what_is_allowed(text, message):
     with pytest.raises(ParamsError) as caught:

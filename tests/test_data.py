@@ -37,6 +37,7 @@ def test_idx_images_and_labels_round_trip(fake_mnist):
     (lambda raw: raw[:-5], "expected 235216 (truncated or padded)"),
     (lambda raw: raw + b"\x00", "expected 235216 (truncated or padded)"),
 ])
+@pytest.mark.reliability
 def test_bad_idx_headers_are_named(fake_mnist, corrupt, message):
     _, _, arrays = fake_mnist
     spec = spec_for("train_images", arrays["train_images"])
@@ -45,6 +46,7 @@ def test_bad_idx_headers_are_named(fake_mnist, corrupt, message):
     assert message in str(caught.value)
 
 
+@pytest.mark.reliability
 def test_md5_mismatch_is_named(fake_mnist):
     _, _, arrays = fake_mnist
     raw = bytearray(idx_bytes(arrays["test_labels"]))
@@ -60,6 +62,7 @@ def test_shipped_manifest_has_the_published_sums():
     assert all(m.startswith("https://") for m in manifest.mirrors)
 
 
+@pytest.mark.reliability
 def test_manifest_with_http_mirror_is_refused(tmp_path, fake_mnist):
     _, manifest_path, _ = fake_mnist
     text = manifest_path.read_text().replace("https://127.0.0.1:9/", "http://example.org/")
@@ -112,6 +115,7 @@ def test_fetch_reads_uncompressed_files_and_replaces_a_damaged_kept_file(fake_mn
     assert (raw_dir / IDX_NAMES["train_images"]).read_bytes() == idx_bytes(arrays["train_images"])
 
 
+@pytest.mark.reliability
 def test_missing_file_in_mirror_is_named(fake_mnist, tmp_path, monkeypatch):
     mirror, manifest_path, _ = fake_mnist
     (mirror / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -120,6 +124,7 @@ def test_missing_file_in_mirror_is_named(fake_mnist, tmp_path, monkeypatch):
         fetch_all(load_manifest(manifest_path), tmp_path / "raw")
 
 
+@pytest.mark.reliability
 def test_truncated_gzip_is_named(fake_mnist, tmp_path, monkeypatch):
     mirror, manifest_path, _ = fake_mnist
     archive = mirror / "train-images-idx3-ubyte.gz"
@@ -135,6 +140,7 @@ def test_truncated_gzip_is_named(fake_mnist, tmp_path, monkeypatch):
     ("ftp://example.org/mnist", "must be a folder or an https:// URL"),
     ("/no/such/folder", "no such folder"),
 ])
+@pytest.mark.reliability
 def test_bad_mirror_setting_is_refused(fake_mnist, tmp_path, monkeypatch, value, message):
     _, manifest_path, _ = fake_mnist
     monkeypatch.setenv("MNIST_MIRROR", value)
@@ -186,6 +192,7 @@ def test_https_mirror_serving_uncompressed_files(https_mirror, fake_mnist, tmp_p
     np.testing.assert_array_equal(fetched["test_images"], arrays["test_images"])
 
 
+@pytest.mark.reliability
 def test_mirror_that_does_not_answer_is_named(fake_mnist, tmp_path, monkeypatch):
     _, manifest_path, _ = fake_mnist
     monkeypatch.setenv("MNIST_MIRROR", "https://127.0.0.1:9/mnist")
@@ -220,6 +227,7 @@ def test_prepared_data_round_trips_bit_packed(fake_mnist, tmp_path, monkeypatch)
     assert (tmp_path / "prepared.npz").stat().st_size < 200 * 98 + 100 * 98 + 10_000  # 98 bytes an image
 
 
+@pytest.mark.reliability
 def test_prepared_data_with_pickled_objects_is_refused(tmp_path):
     np.savez(tmp_path / "evil.npz", train_images=np.array([object()], dtype=object))
     with pytest.raises(DataError, match="not a prepared dataset"):

@@ -56,3 +56,15 @@ def test_mixed_precision_computes_in_bfloat16_but_hands_out_float32():
     images = np.random.default_rng(2).integers(0, 2, (2, 28, 28, 1)).astype("float32")
     mean, log_variance = model.encode(images)
     assert mean.dtype == log_variance.dtype == model.decode(mean).dtype == model(images).dtype == "float32"
+
+
+@pytest.mark.reliability
+def test_a_model_file_with_code_in_it_is_refused_by_safe_mode(tmp_path):
+    from cvae_pipeline.errors import UserInputError
+    from cvae_pipeline.inference import load_trained
+
+    inputs = keras.Input((28, 28, 1))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2, name="arbitrary_code")(inputs))
+    unsafe.save(tmp_path / "unsafe.keras")
+    with pytest.raises(UserInputError, match=r"unsafe\.keras: not a model this pipeline can load .*safe_mode"):
+        load_trained(tmp_path / "unsafe.keras", ModelParams(2, (32, 64), (64, 32)))

@@ -65,6 +65,7 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     assert len(runs_in(repo_copy)) == 1
 
 
+@pytest.mark.reliability
 def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_copy, fake_mnist, tmp_path):
     four_epochs = {"train": {**TINY["train"], "epochs": 4}}
     env = setup_copy(repo_copy, fake_mnist, **four_epochs)
@@ -100,6 +101,7 @@ def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_cop
     assert sorted(set(steps)) == [1, 2, 3, 4]
 
 
+@pytest.mark.reliability
 def test_diverging_training_fails_clearly_and_marks_the_run_failed(repo_copy, fake_mnist):
     env = setup_copy(repo_copy, fake_mnist, train={"learning_rate": 1e30})
     result = run(["dvc", "repro", "train"], repo_copy, **env)

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, make_repo_copy, run, runs_in, setup_copy, subprocess_env, write_fake_mnist
 from cvae_pipeline.comparison import write_comparison
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+ROUNDS = 3  # the whole sweep, and every test of it, three times in a row: a race shows up as a flaky round
 
 SWEEP = ["-S", "model.latent_dim=2,3", "-S", "train.epochs=1,2", "-S", "tracking.sweep=grid"]  # 4 experiments
 QUEUE_TIMEOUT_S = 900
@@ -28,7 +29,7 @@ def queue_states(repo) -> list[str]:
             if line.split() and line.split()[-1] in ("Queued", "Running", "Success", "Failed", "Killed")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=range(1, ROUNDS + 1), ids=lambda n: f"round-{n}")
 def sweep(tmp_path_factory):
     """A repository copy in which a queued sweep of 4 experiments ran with 2 workers."""
     folder = tmp_path_factory.mktemp("sweep")

@@ -1,6 +1,10 @@
 """MLflow plumbing: where the store is, how params are flattened, and how runs end."""
 
 import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
 
 import mlflow
 import pytest
@@ -8,23 +12,9 @@ import yaml
 
 from conftest import REPO, params_with
 from cvae_pipeline import tracking
+from cvae_pipeline.config import TrackingParams
 
-
-def test_repository_root_of_a_dvc_experiment_copy_is_the_main_repository(tmp_path):
-    copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpab12cd34"
-    copy.mkdir(parents=True)
-    assert tracking.repository_root(copy) == tmp_path / "project"
-    assert tracking.repository_root(tmp_path / "project") == tmp_path / "project"
-
-
-def test_default_store_is_sqlite_at_the_main_repository(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp1"
-    copy.mkdir(parents=True)
-    monkeypatch.chdir(copy)
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+CFG = TrackingParams(experiment="e", sweep=None, required=True)
 
 
 def test_params_are_flattened_as_params_yaml_spells_them():
@@ -51,16 +41,11 @@ def test_experiment_tags_name_the_baseline_and_the_sweep(monkeypatch):
     assert "sweep" not in tracking.source_tags(params_with())
 
 
-def test_dvc_root_names_the_main_repository(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "_session", tracking._Session())
     yield tmp_path
     mlflow.set_tracking_uri(None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -82,11 +67,12 @@ def test_experiment_is_created_once_for_model_training_with_artifacts_in_the_mai
     assert (store / "mlflow.db").exists() and not (copy / "mlflow.db").exists()
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"),
                                                  (KeyboardInterrupt, "KILLED")])
 def test_a_run_never_stays_running(store, raised, status):
     expected = pytest.raises(raised) if raised else contextlib.nullcontext()
-    with expected, tracking.active_run("e", tags={"k": "v"}) as run:
+    with expected, tracking.active_run(CFG, tags={"k": "v"}) as run:
         run_id = run.info.run_id
         if raised:
             raise raised
@@ -95,10 +81,10 @@ def test_a_run_never_stays_running(store, raised, status):
 
 
 def test_a_run_reopened_by_id_continues_and_ends_finished(store):
-    with pytest.raises(KeyboardInterrupt), tracking.active_run("e") as run:
+    with pytest.raises(KeyboardInterrupt), tracking.active_run(CFG) as run:
         tracking.log_metrics({"loss": 2.0}, step=1)
         raise KeyboardInterrupt
-    with tracking.active_run("e", run_id=run.info.run_id) as again:
+    with tracking.active_run(CFG, run_id=run.info.run_id) as again:
         tracking.log_metrics({"loss": 1.0}, step=2)
     assert again.info.run_id == run.info.run_id
     assert status_of(run.info.run_id) == "FINISHED"
@@ -108,10 +94,63 @@ def test_a_run_reopened_by_id_continues_and_ends_finished(store):
 
 def test_mlflow_run_id_from_the_environment_is_ignored(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
-    with tracking.active_run("e") as run:
+    with tracking.active_run(CFG) as run:
         assert run.info.run_id != "0123456789abcdef"
 
 
 def test_missing_run_reference_says_what_to_run(tmp_path):
     with pytest.raises(tracking.UserInputError, match="run `dvc repro train` first"):
         tracking.read_run_id(tmp_path / "absent.json")
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.reliability
+def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
+    client = mlflow.MlflowClient()
+    experiment_id = tracking.ensure_experiment("e")
+    orphan = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(dead_pid())})
+    alive = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(os.getpid())})
+    elsewhere = client.create_run(experiment_id, tags={"host": "another-machine", "pid": str(dead_pid())})
+    with tracking.active_run(CFG) as run:
+        assert run.data.tags["pid"] == str(os.getpid()) and run.data.tags["host"] == tracking.HOST
+    assert status_of(orphan.info.run_id) == "KILLED"
+    assert status_of(alive.info.run_id) == "RUNNING"  # a live process, e.g. another sweep worker
+    assert status_of(elsewhere.info.run_id) == "RUNNING"  # its host's own stages will judge it
+
+
+def closed_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.reliability
+def test_a_tracking_server_that_does_not_answer_is_an_error_when_required(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
+    with pytest.raises(tracking.TrackingError, match=r"does not answer .*tracking\.required: false"):
+        tracking.connect(CFG)
+
+
+@pytest.mark.reliability
+def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
+    optional = dataclasses.replace(CFG, required=False)
+    with tracking.active_run(optional) as run:
+        assert run is None
+        tracking.log_params(params_with())
+        tracking.log_metrics({"loss": 1.0}, step=1)
+        tracking.log_artifacts([tmp_path / "absent.png"], "figures")
+    tracking.write_run_reference(tmp_path / "run.json", run)
+    assert tracking.read_run_id(tmp_path / "run.json") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a store that works, but training ran without it
+    monkeypatch.setattr(tracking, "_session", tracking._Session())
+    with tracking.training_run(CFG, tmp_path / "run.json") as reopened:
+        tracking.log_metrics({"eval_elbo": -80.0})
+    assert reopened is None and not list(tmp_path.glob("mlflow.db"))
+
+

@@ -1,7 +1,10 @@
 """The training loop in-process: it learns, it is deterministic, it resumes exactly, it stops on NaN."""
 
+import re
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import params_with
 from cvae_pipeline.errors import TrainingError
@@ -48,6 +51,7 @@ def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(small_data, 
     assert timeless(other.history) != timeless(first.history)
 
 
+@pytest.mark.reliability
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
     params = small_params(epochs=3)
     whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
@@ -83,11 +87,13 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_pa
     assert same.restore_checkpoint(tmp_path / "c.npz").epoch == 1
 
 
+@pytest.mark.reliability
 def test_a_damaged_checkpoint_starts_afresh(small_data, tmp_path):
     (tmp_path / "c.npz").write_bytes(b"not a checkpoint")
     assert Trainer(small_params(), small_data).restore_checkpoint(tmp_path / "c.npz").epoch == 0
 
 
+@pytest.mark.reliability
 def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
     trainer = Trainer(small_params(learning_rate=1e30), small_data)
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+; try a lower train.learning_rate"):
@@ -119,3 +125,22 @@ def test_divergence_inside_a_chunk_names_the_exact_step(small_data, tmp_path):
     with pytest.raises(TrainingError) as second:
         chunked.train_epoch(1)
     assert str(first.value) == str(second.value)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad):
+    trainer = Trainer(small_params(steps_per_call=4), small_data)
+    compiled, calls = trainer._train_steps, []
+
+    def poisoned(iterator, count):
+        losses = compiled(iterator, count).numpy()
+        if len(calls) == 1:
+            losses[2] = bad  # the 3rd step of the 2nd call: step 7 of the epoch
+        calls.append(count)
+        return tf.constant(losses)
+
+    trainer._train_steps = poisoned
+    with pytest.raises(TrainingError, match=rf"loss is {re.escape(str(np.float32(bad)))} at epoch 3, step 7;"):
+        trainer.train_epoch(3)
+    assert len(calls) == 2  # stopped at once, not at the end of the epoch

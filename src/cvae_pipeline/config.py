@@ -129,6 +129,7 @@ class VisualizeParams:
 class TrackingParams:
     experiment: str = param(NAME)
     sweep: str | None = param(OPTIONAL_NAME)
+    required: bool = param(BOOLEAN)
 
 
 @dataclass(frozen=True)

@@ -19,3 +19,7 @@ class DataError(UserInputError):
 
 class TrainingError(UserInputError):
     """Training went numerically wrong (NaN or Inf loss); the message says where and what to change."""
+
+
+class TrackingError(UserInputError):
+    """The MLflow store does not answer (and `tracking.required` is true)."""

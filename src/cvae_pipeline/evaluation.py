@@ -121,9 +121,8 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
 def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, run_reference: Path,
                        metrics_path: Path) -> dict[str, float]:
     """The evaluate stage: score the trained model, write the metrics file, log them to the training's MLflow run."""
-    run_id = tracking.read_run_id(run_reference)
     model = load_trained(model_path, params.model)
-    with tracking.active_run(params.tracking.experiment, run_id):
+    with tracking.training_run(params.tracking, run_reference):
         metrics = Evaluator(model, params.evaluate, params.seed).evaluate(test_images)
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)

@@ -160,7 +160,6 @@ FIGURES = ("reconstructions.png", "prior_samples.png", "latent_scatter.png", "tr
 def draw_all(params: Params, data: PreparedData, model_path: Path, history_path: Path, progress_path: Path,
              run_reference: Path, folder: Path) -> list[Path]:
     """The visualize stage: every figure into `folder`, and into the training's MLflow run as artifacts."""
-    run_id = tracking.read_run_id(run_reference)
     model = load_trained(model_path, params.model)
     try:
         history = pd.read_csv(history_path)
@@ -169,7 +168,7 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, history_path:
     except FileNotFoundError as error:
         raise UserInputError(f"{error.filename}: missing; run `dvc repro train` first") from None
     cfg, test = params.visualize, data.test
-    with tracking.active_run(params.tracking.experiment, run_id):
+    with tracking.training_run(params.tracking, run_reference):
         folder.mkdir(parents=True, exist_ok=True)
         reconstructions(model, test.images, cfg, folder / "reconstructions.png")
         prior_samples(model, cfg, params.model.latent_dim, params.seed, folder / "prior_samples.png")

@@ -30,6 +30,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary_path.unlink(missing_ok=True)
 
 
+def remove_leftover_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that writes of `path` left behind when their process was killed (kill -9)."""
+    target = Path(path)
+    leftovers = list(target.parent.glob(f".{target.name}.*.tmp{target.suffix}")) if target.parent.is_dir() else []
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)

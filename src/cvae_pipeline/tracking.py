@@ -1,75 +1,46 @@
-"""MLflow: where the store is, one run per pipeline execution shared by the stages, and what is logged to it.
+"""MLflow: one run per pipeline execution shared by the stages, and what is logged to it (the store: `mlflow_store`).
 
-The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
-stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
-`MLFLOW_TRACKING_URI` overrides it. Train creates the run and records its id in a declared output; later stages
+Train creates the run and records its id in a declared output; later stages
 reopen that run by id. Runs of DVC experiments are named after them and tagged with their baseline commit and a
 sweep id (`tracking.sweep`, else the baseline's short hash), so that one sweep's runs can be found together.
+
+Faults: a store that does not answer stops a stage within seconds, before any work (`tracking.required: true`), or
+lets it go on without MLflow (`false`; the DVC files keep every metric). A run whose process died (kill -9, power
+loss) is marked KILLED by the next stage that opens the store on the same host, so none stays RUNNING forever.
 """
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from cvae_pipeline.config import Params
-from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.config import Params, TrackingParams
+from cvae_pipeline.errors import TrackingError, UserInputError
 from cvae_pipeline.fileio import write_json_atomic
+from cvae_pipeline.mlflow_store import URI_ENV, artifact_location, store_lock, tracking_uri, unanswered
 
 log = logging.getLogger(__name__)
 
-URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
 BASELINE_ENV = "DVC_EXP_BASELINE_REV"
-DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage; for a queued experiment, to the main repository
-_EXPERIMENT_COPY = (".dvc", "tmp", "exps")
+HOST = socket.gethostname()
 
 
-def repository_root(directory: str | Path | None = None) -> Path:
-    """The main repository: `DVC_ROOT` when DVC runs the stage, else `directory` (default: the working directory)
-    itself or the repository that a DVC experiment copy inside it belongs to."""
-    if directory is None and os.environ.get(DVC_ROOT_ENV):
-        return Path(os.environ[DVC_ROOT_ENV]).resolve()
-    path = Path(directory or os.getcwd()).resolve()
-    parts = path.parts
-    for index in range(len(parts) - len(_EXPERIMENT_COPY) + 1):
-        if parts[index:index + len(_EXPERIMENT_COPY)] == _EXPERIMENT_COPY:
-            return Path(*parts[:index])
-    return path
+@dataclasses.dataclass
+class _Session:
+    """This process's view of the store: checked once, and offline when it does not answer and is not required."""
+
+    checked: str | None = None  # the URI that was checked
+    offline: bool = False
+    required: bool = True
 
 
-def tracking_uri() -> str:
-    return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a SQLite store URI; None for any other store."""
-    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
-
-
-def _artifact_location(uri: str) -> str | None:
-    """For a SQLite store, `mlruns/` beside the database file. MLflow's own default, `./mlruns` of whichever process
-    creates the experiment, could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
-    database = _sqlite_file(uri)
-    return (database.parent / "mlruns").as_uri() if database else None
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialize the first touch of a SQLite store across processes: creating its tables and an experiment race
-    when two `dvc queue` workers start at once. Servers need no lock."""
-    database = _sqlite_file(uri)
-    if database is None:
-        yield
-        return
-    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
-        yield
+_session = _Session()
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -122,10 +93,58 @@ def _mlflow():
     return mlflow
 
 
+def connect(cfg: TrackingParams) -> bool:
+    """Check the store once per process, before any work. A store that does not answer raises TrackingError when
+    `cfg.required`, else the stage goes on offline (every logging call does nothing). True when online."""
+    uri = tracking_uri()
+    _session.required = cfg.required
+    if _session.checked != uri:
+        _session.checked = uri
+        problem = unanswered(uri)
+        _session.offline = problem is not None
+        if problem is not None:
+            message = f"MLflow tracking server {uri} does not answer ({problem})"
+            if cfg.required:
+                raise TrackingError(f"{message}: start it or correct {URI_ENV}, or set tracking.required: false "
+                                    "in params.yaml to run without MLflow")
+            log.warning("%s; going on without MLflow (tracking.required is false): metrics stay in the DVC files",
+                        message)
+    return not _session.offline
+
+
+def _go_offline(error: Exception) -> None:
+    """A store that failed during a stage: fatal when required, else the rest of the stage runs without it."""
+    if _session.required:
+        raise error
+    log.warning("MLflow failed (%s); going on without it (tracking.required is false)", error)
+    _session.offline = True
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def reap_dead_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process on this host is gone (a kill -9, a crash). Their ids."""
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{HOST}'")
+    dead = [run.info.run_id for run in runs
+            if run.data.tags.get("pid", "").isdigit() and not _process_alive(int(run.data.tags["pid"]))]
+    for run_id in dead:
+        client.set_terminated(run_id, "KILLED")
+        log.warning("MLflow run %s was left RUNNING by a process that died: marked KILLED", run_id)
+    return dead
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, created if needed (tolerating a concurrent creation by another stage)."""
     mlflow = _mlflow()
-    with _store_lock(tracking_uri()):  # the client's first use creates the store's tables
+    with store_lock(tracking_uri()):  # the client's first use creates the store's tables
         return _get_or_create_experiment(mlflow, mlflow.MlflowClient(), name)
 
 
@@ -135,7 +154,7 @@ def _get_or_create_experiment(mlflow, client, name: str) -> str:
         if existing is not None:
             return existing.experiment_id
         # Opens in the UI's model-training view rather than its GenAI view.
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri()),
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri()),
                                         tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException as error:
         existing = client.get_experiment_by_name(name)
@@ -145,39 +164,79 @@ def _get_or_create_experiment(mlflow, client, name: str) -> str:
 
 
 @contextlib.contextmanager
-def active_run(experiment: str, run_id: str | None = None, run_name: str | None = None,
+def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | None = None,
                tags: dict[str, str] | None = None) -> Iterator:
-    """Start (or reopen, by id) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C, never RUNNING."""
+    """Start (or reopen, by id) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C, never RUNNING.
+    Yields None, and logs nothing, when the store does not answer and `cfg.required` is false."""
     if os.environ.pop("MLFLOW_RUN_ID", None):
         log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
-    experiment_id = ensure_experiment(experiment)
+    if not connect(cfg):
+        yield None
+        return
+    experiment_id = ensure_experiment(cfg.experiment)
     mlflow = _mlflow()
+    reap_dead_runs(mlflow.MlflowClient(), experiment_id)
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                           run_name=None if run_id else run_name, tags=tags)
+                           run_name=None if run_id else run_name,
+                           tags={**(tags or {}), "host": HOST, "pid": str(os.getpid())})
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run(mlflow, "KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run(mlflow, "FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end_run(mlflow, "FINISHED")
+
+
+def _end_run(mlflow, status: str) -> None:
+    if _session.offline:
+        return  # the store failed during the stage; there is nothing to end
+    try:
+        mlflow.end_run(status)
+    except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
+        _go_offline(error)
+
+
+@contextlib.contextmanager
+def training_run(cfg: TrackingParams, run_reference: str | Path) -> Iterator:
+    """Reopen the run that train recorded in `run_reference`; offline when training ran without MLflow."""
+    run_id = read_run_id(run_reference)
+    if run_id is None:
+        log.warning("%s: training ran without MLflow; these results stay in the DVC files", run_reference)
+        _session.offline, _session.checked = True, tracking_uri()
+        yield None
+        return
+    with active_run(cfg, run_id) as run:
+        yield run
+
+
+def _log(action) -> None:
+    """One logging call to the active run, unless offline; a failure is fatal only when tracking is required."""
+    if _session.offline:
+        return
+    try:
+        action(_mlflow())
+    except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
+        _go_offline(error)
 
 
 def log_params(params: Params) -> None:
-    _mlflow().log_params(flatten(params))
+    _log(lambda mlflow: mlflow.log_params(flatten(params)))
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """All of them in one batched call."""
-    _mlflow().log_metrics(metrics, step=step)
+    _log(lambda mlflow: mlflow.log_metrics(metrics, step=step))
 
 
 def log_artifacts(paths: list[Path], folder: str) -> None:
-    mlflow = _mlflow()
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=folder)
+    def log(mlflow) -> None:
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    _log(log)
 
 
 def log_model(model, example_input, example_output) -> None:
@@ -187,17 +246,18 @@ def log_model(model, example_input, example_output) -> None:
     import mlflow.keras
     from mlflow.models import infer_signature
 
-    _mlflow()
     signature = infer_signature(example_input, example_output)
     requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+    _log(lambda _: mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements))
 
 
 def write_run_reference(path: str | Path, run) -> None:
-    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+    """The run's ids; nulls when the stage ran without MLflow."""
+    write_json_atomic(path, {"run_id": run.info.run_id if run else None,
+                             "experiment_id": run.info.experiment_id if run else None})
 
 
-def read_run_id(path: str | Path) -> str:
+def read_run_id(path: str | Path) -> str | None:
     try:
         return json.loads(Path(path).read_text())["run_id"]
     except FileNotFoundError:

@@ -23,7 +23,7 @@ from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import TrainingError
-from cvae_pipeline.fileio import atomic_path, write_json_atomic
+from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
 from cvae_pipeline.losses import elbo_terms
 from cvae_pipeline.model import build_cvae
 
@@ -211,14 +211,17 @@ def write_outputs(trainer: Trainer, state: TrainingState, final: dict[str, float
 
 def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -> dict[str, float]:
     """The train stage: resume or start, one MLflow run throughout, then the declared outputs. Returns final metrics."""
+    tracking.connect(params.tracking)  # a tracking server that does not answer stops the stage before any work
+    for path in dataclasses.astuple(outputs):
+        remove_leftover_temporaries(path)  # of a run that was killed while writing
     device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data)
     state = trainer.restore_checkpoint(outputs.checkpoint)
     log.info("training on %s with %s precision; MLflow store %s", device, params.train.precision,
              tracking.tracking_uri())
     tags = {**tracking.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
-    with tracking.active_run(params.tracking.experiment, state.run_id, tags.get("dvc_experiment"), tags) as run:
-        if state.run_id is None:
+    with tracking.active_run(params.tracking, state.run_id, tags.get("dvc_experiment"), tags) as run:
+        if state.run_id is None and run is not None:
             tracking.log_params(params)
             state.run_id = run.info.run_id
         # Each epoch is logged before it is checkpointed, so a resumed run has nothing to log again.

@@ -1,0 +1,78 @@
+"""Where the MLflow store is, and whether it answers.
+
+The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
+stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
+`MLFLOW_TRACKING_URI` overrides it.
+"""
+
+import contextlib
+import fcntl
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage; for a queued experiment, to the main repository
+_EXPERIMENT_COPY = (".dvc", "tmp", "exps")
+PROBE_TIMEOUT = 5.0  # seconds per attempt to reach a tracking server ...
+PROBE_ATTEMPTS = 3   # ... so a silent one is given up on in about 15 s
+
+
+def repository_root(directory: str | Path | None = None) -> Path:
+    """The main repository: `DVC_ROOT` when DVC runs the stage, else `directory` (default: the working directory)
+    itself or the repository that a DVC experiment copy inside it belongs to."""
+    if directory is None and os.environ.get(DVC_ROOT_ENV):
+        return Path(os.environ[DVC_ROOT_ENV]).resolve()
+    path = Path(directory or os.getcwd()).resolve()
+    parts = path.parts
+    for index in range(len(parts) - len(_EXPERIMENT_COPY) + 1):
+        if parts[index:index + len(_EXPERIMENT_COPY)] == _EXPERIMENT_COPY:
+            return Path(*parts[:index])
+    return path
+
+
+def tracking_uri() -> str:
+    return os.environ.get(URI_ENV) or f"sqlite:///{repository_root() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlruns/` beside the database file. MLflow's own default, `./mlruns` of whichever process
+    creates the experiment, could be a DVC experiment copy that is deleted afterwards. A server decides for itself."""
+    database = sqlite_file(uri)
+    return (database.parent / "mlruns").as_uri() if database else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialize the first touch of a SQLite store across processes: creating its tables and an experiment race
+    when two `dvc queue` workers start at once. Servers need no lock."""
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    with open(database.with_name(database.name + ".lock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def unanswered(uri: str) -> str | None:
+    """Why an HTTP(S) tracking server does not answer, or None when it does (or the store is not a server)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    problem = ""
+    for _ in range(PROBE_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT):
+                return None
+        except urllib.error.HTTPError:
+            return None  # it answered, if not with 200: a server that has no /health
+        except (OSError, ValueError) as error:
+            problem = str(getattr(error, "reason", None) or error)
+    return problem
