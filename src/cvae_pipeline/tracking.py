@@ -99,14 +99,13 @@ def connect(cfg: TrackingParams) -> bool:
     uri = tracking_uri()
     _session.required = cfg.required
     if _session.checked != uri:
-        _session.checked = uri
         problem = unanswered(uri)
-        _session.offline = problem is not None
+        message = f"MLflow tracking server {uri} does not answer ({problem})"
+        if problem is not None and cfg.required:
+            raise TrackingError(f"{message}: start it or correct {URI_ENV}, or set tracking.required: false "
+                                "in params.yaml to run without MLflow")
+        _session.checked, _session.offline = uri, problem is not None
         if problem is not None:
-            message = f"MLflow tracking server {uri} does not answer ({problem})"
-            if cfg.required:
-                raise TrackingError(f"{message}: start it or correct {URI_ENV}, or set tracking.required: false "
-                                    "in params.yaml to run without MLflow")
             log.warning("%s; going on without MLflow (tracking.required is false): metrics stay in the DVC files",
                         message)
     return not _session.offline
