@@ -10,9 +10,15 @@ export PATH := $(BIN):$(PATH)
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
+# A team's tracking server: a SQL backend store and artifacts served by the server itself (clients need no access to
+# the artifact storage). Point SERVER_STORE at PostgreSQL and SERVER_ARTIFACTS at object storage in production.
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5001
+SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
+SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
 COMPARE := reports/compare
 
-.PHONY: repro test lint venv clean-venv ui compare bench
+.PHONY: repro test lint venv clean-venv ui mlflow-server compare bench
 
 venv: $(STAMP)
 
@@ -33,6 +39,10 @@ test: lint
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
+
+mlflow-server: $(STAMP)
+	mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
+		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 compare: $(STAMP)
 	python -m cvae_pipeline.comparison --out $(COMPARE)

@@ -1,0 +1,82 @@
+"""A team tracking server: `make mlflow-server` (SQL backend, served artifacts), and the pipeline logging to it."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+import cvae_pipeline.model  # noqa: F401 - registers the CVAE class, which loading the logged model needs
+from conftest import REPO, make_repo_copy, run, setup_copy, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`make mlflow-server` itself, with its store and artifacts in a temporary folder and on a free port."""
+    port, store, artifacts = free_port(), tmp_path / "server.db", tmp_path / "served-artifacts"
+    overrides = [f"SERVER_PORT={port}", f"SERVER_STORE=sqlite:///{store}", f"SERVER_ARTIFACTS={artifacts}"]
+    process = subprocess.Popen(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    assert process.poll() is None, "mlflow server exited"
+    yield {"uri": base, "store": store, "artifacts": artifacts}
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def test_make_mlflow_server_listens_on_loopback_with_a_sql_store_and_served_artifacts():
+    dry_run = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "--host 127.0.0.1" in dry_run
+    assert '--backend-store-uri "sqlite:///' in dry_run and "--serve-artifacts" in dry_run
+
+
+def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):
+    repo = make_repo_copy(tmp_path / "repo")
+    env = setup_copy(repo, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+    result = run(["dvc", "repro"], repo, **env, MLFLOW_TRACKING_URI=server["uri"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # all of it went to the server
+
+    client = mlflow.MlflowClient(tracking_uri=server["uri"])
+    experiment = client.get_experiment_by_name("cvae-mnist")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.params["train.epochs"] == "2" and found.data.params["model.latent_dim"] == "2"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_elbo")] == [1, 2]
+    assert found.data.metrics["eval_iwae"] >= found.data.metrics["eval_elbo"]
+
+    figures = {artifact.path for artifact in client.list_artifacts(found.info.run_id, "figures")}
+    assert "figures/reconstructions.png" in figures and "figures/training_progress.gif" in figures
+    downloaded = client.download_artifacts(found.info.run_id, "figures/reconstructions.png", str(tmp_path))
+    assert Path(downloaded).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(server["artifacts"].rglob("reconstructions.png"))  # stored by the server, not by the client
+
+    mlflow.set_tracking_uri(server["uri"])
+    try:
+        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+        served = mlflow.pyfunc.load_model(logged.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert served.predict(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 28, 28, 1)
