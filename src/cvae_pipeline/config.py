@@ -20,6 +20,7 @@ from cvae_pipeline.errors import ParamsError
 DEFAULT_PARAMS_FILE = "params.yaml"
 KL_MODES = ("analytic", "monte_carlo")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class TrainParams:
     precision: str = param(choice(*PRECISIONS))
     jit_compile: bool = param(BOOLEAN)
     steps_per_call: int = param(integer(1))
+    strategy: str = param(choice(*STRATEGIES))
     eval_limit: int | None = param(integer(1, optional=True))
 
 

@@ -111,6 +111,12 @@ def connect(cfg: TrackingParams) -> bool:
     return not _session.offline
 
 
+def disable(reason: str) -> None:
+    """Log nothing to MLflow from this process: every logging call does nothing, and a run is not even opened."""
+    log.info("not logging to MLflow: %s", reason)
+    _session.checked, _session.offline = tracking_uri(), True
+
+
 def _go_offline(error: Exception) -> None:
     """A store that failed during a stage: fatal when required, else the rest of the stage runs without it."""
     if _session.required:
@@ -203,8 +209,7 @@ def training_run(cfg: TrackingParams, run_reference: str | Path) -> Iterator:
     """Reopen the run that train recorded in `run_reference`; offline when training ran without MLflow."""
     run_id = read_run_id(run_reference)
     if run_id is None:
-        log.warning("%s: training ran without MLflow; these results stay in the DVC files", run_reference)
-        _session.offline, _session.checked = True, tracking_uri()
+        disable(f"{run_reference}: training ran without MLflow; these results stay in the DVC files")
         yield None
         return
     with active_run(cfg, run_id) as run:

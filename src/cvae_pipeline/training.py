@@ -22,6 +22,7 @@ from cvae_pipeline import checkpoints, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
+from cvae_pipeline.distribution import is_chief, make_strategy
 from cvae_pipeline.errors import TrainingError
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
 from cvae_pipeline.losses import elbo_terms
@@ -48,16 +49,19 @@ class Trainer:
     def __init__(self, params: Params, data: PreparedData):
         self.params = params
         cfg = params.train
+        self.strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede other TF work
+        self.is_chief = is_chief(self.strategy)
         keras.utils.set_random_seed(params.seed)
         tf.config.experimental.enable_op_determinism()
         keras.mixed_precision.set_dtype_policy(cfg.precision)
-        self.model = build_cvae(params.model)
-        optimizer = keras.optimizers.Adam(cfg.learning_rate)
-        if cfg.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        self.optimizer = optimizer
-        self.optimizer.build(self.model.trainable_variables)
-        self.generator = tf.random.Generator.from_seed(params.seed)
+        with self.strategy.scope():  # variables mirrored on every replica; each replica its own noise stream
+            self.model = build_cvae(params.model)
+            optimizer = keras.optimizers.Adam(cfg.learning_rate)
+            if cfg.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            self.optimizer = optimizer
+            self.optimizer.build(self.model.trainable_variables)
+            self.generator = tf.random.Generator.from_seed(params.seed)
 
         self.train_images = data.train.images[..., None]
         # The images stay where the model runs (on the GPU when there is one, 47 MB as uint8); tf.data shuffles and
@@ -79,25 +83,29 @@ class Trainer:
     def fingerprint(self) -> str:
         settings = dataclasses.asdict(self.params)
         settings.pop("tracking")
+        # How the work is spread is not what is trained: a run may resume under another strategy (on other devices).
+        settings["train"].pop("strategy")
         return checkpoints.fingerprint(settings, self.train_images, self.eval_images)
 
-    def _step(self, images):
-        images = tf.cast(images, tf.float32)
+    def _step(self, indices):
+        """One replica's share of an optimizer step: its images by index, and its part of the global mean loss."""
+        images = tf.cast(tf.gather(self._images_on_device, indices), tf.float32)
         noise = self.generator.normal((tf.shape(images)[0], self.params.model.latent_dim))
         with tf.GradientTape() as tape:
             reconstruction, kl = elbo_terms(self.model, images, noise, self.params.train.kl)
-            loss = tf.reduce_mean(reconstruction + self.params.train.beta * kl)
+            # Sum over this replica's images / the global batch: the optimizer sums the replicas' gradients.
+            loss = tf.nn.compute_average_loss(reconstruction + self.params.train.beta * kl)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.model.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables, strict=True))
         return loss
 
     def _steps(self, iterator, count):
-        """`count` optimizer steps in one compiled call; their losses, in order."""
+        """`count` optimizer steps in one compiled call; their (global mean) losses, in order."""
         losses = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):
-            batch = tf.gather(self._images_on_device, next(iterator))
-            losses = losses.write(index, self._train_step(batch))
+            per_replica = self.strategy.run(self._train_step, args=(next(iterator),))
+            losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
         return losses.stack()
 
     def _eval(self, images, noise):
@@ -113,7 +121,7 @@ class Trainer:
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                   stateful_metrics=["loss"], unit_name="step")
         started, total, done = time.perf_counter(), 0.0, 0
-        iterator = iter(self.epoch_batches(epoch))
+        iterator = iter(self.strategy.experimental_distribute_dataset(self.epoch_batches(epoch)))
         while done < self.steps_per_epoch:
             count = min(self.params.train.steps_per_call, self.steps_per_epoch - done)
             losses = self._train_steps(iterator, tf.constant(count)).numpy()
@@ -217,8 +225,10 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data)
     state = trainer.restore_checkpoint(outputs.checkpoint)
-    log.info("training on %s with %s precision; MLflow store %s", device, params.train.precision,
-             tracking.tracking_uri())
+    if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
+        tracking.disable("this worker is not the chief, which logs the run")
+    log.info("training on %s with %s precision, %d replica(s); MLflow store %s", device, params.train.precision,
+             trainer.strategy.num_replicas_in_sync, tracking.tracking_uri())
     tags = {**tracking.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
     with tracking.active_run(params.tracking, state.run_id, tags.get("dvc_experiment"), tags) as run:
         if state.run_id is None and run is not None:

@@ -1,0 +1,51 @@
+"""Which tf.distribute strategy trains the model (`train.strategy`), and whether this process is the chief.
+
+`auto` picks MirroredStrategy when several GPUs are visible, else the default strategy on the one device.
+`multi_worker` (MultiWorkerMirroredStrategy) reads the cluster from `TF_CONFIG`; every worker runs the same train
+stage, and only the chief (worker 0) writes the outputs and logs to MLflow.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from cvae_pipeline.errors import UserInputError
+
+CLUSTER_ENV = "TF_CONFIG"
+
+
+def resolve(name: str, gpu_count: int) -> str:
+    """`train.strategy` with `auto` decided: mirrored over several GPUs, else one device."""
+    if name == "auto":
+        return "mirrored" if gpu_count > 1 else "one_device"
+    return name
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The strategy for `train.strategy`; call it before any other TensorFlow work (multi-worker needs that)."""
+    if name == "multi_worker":
+        cluster = os.environ.get(CLUSTER_ENV)
+        if not cluster:
+            raise UserInputError(f"train.strategy=multi_worker needs {CLUSTER_ENV} (the cluster and this worker's "
+                                 "index, as JSON); see the README, or use one_device, mirrored or auto")
+        try:
+            json.loads(cluster)["cluster"]["worker"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserInputError(f"{CLUSTER_ENV}: not a cluster spec with workers ({error!r})") from None
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if resolve(name, len(gpus)) == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()  # one device: the default strategy, no replication
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the outputs: always, but for the workers other than the chief of a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    if "chief" in resolver.cluster_spec().as_dict():
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
