@@ -1,5 +1,6 @@
 """tf.distribute: the strategy choice, and MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
-processes on loopback) training to the one-device loss curve at the same global batch size."""
+processes on loopback) training to the one-device loss curve at the same global batch size; and the README's launch of
+workers with `dvc exp run`, two repository copies standing in for two hosts."""
 
 import json
 import os
@@ -7,15 +8,17 @@ import socket
 import subprocess
 import sys
 
+import pandas
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_repo_copy, runs_in, setup_copy, subprocess_env
 from cvae_pipeline.distribution import resolve
 
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 0.02  # relative, per epoch: the replicas draw other noise than one device does, nothing else differs
 EPOCHS = 3
+STEP_TOLERANCE = 0.02  # measured 0.01% (the two draw other noise); a wrong sum or mean is off by 50-100%
 
 # Trains the small synthetic set in a fresh process (devices can only be split before TensorFlow starts).
 SCRIPT = """
@@ -26,10 +29,23 @@ if os.environ.get("LOGICAL_CPUS"):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(os.environ["LOGICAL_CPUS"]))])
+import keras
+import numpy as np
 from conftest import params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
 from cvae_pipeline.training import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
+if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over all 512 images: its size is the gradient's
+    keras.optimizers.Adam = keras.optimizers.SGD
+    params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": 512, "learning_rate": 1e-3,
+                         "strategy": sys.argv[1], "precision": "float32"}})
+    trainer = Trainer(params, data)
+    before = [variable.numpy() for variable in trainer.model.trainable_variables]
+    trainer.train_epoch(1)
+    after = [variable.numpy() for variable in trainer.model.trainable_variables]
+    step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
+    print("RESULT", json.dumps({{"step": float(step), "replicas": trainer.strategy.num_replicas_in_sync}}))
+    sys.exit()
 params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "learning_rate": 1e-3, "epochs": {epochs},
                      "strategy": sys.argv[1], "precision": "float32"}})
 trainer = Trainer(params, data)
@@ -98,7 +114,47 @@ def test_two_workers_on_loopback_follow_the_one_device_curve(one_device):
     assert_same_curve(chief["curve"], one_device["curve"])
 
 
+def test_replicas_sum_their_gradients_to_the_one_device_gradient():
+    """Adam hides a gradient off by a constant factor (its step is scale-free); a plain SGD step does not: the
+    replicas' gradients of their share of the global mean must add up to the one-device gradient."""
+    one, mirrored = (result(train(strategy, ONE_SGD_STEP="1", LOGICAL_CPUS=cpus))
+                     for strategy, cpus in (("one_device", ""), ("mirrored", "2")))
+    assert mirrored["replicas"] == 2
+    assert abs(mirrored["step"] / one["step"] - 1) <= STEP_TOLERANCE, (mirrored, one)
+
+
 def test_multi_worker_without_a_cluster_says_what_is_missing():
     process = train("multi_worker", TF_CONFIG="")
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0 and "train.strategy=multi_worker needs TF_CONFIG" in err
+
+
+def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
+    """Each "host" is its own clone of one commit; both run `dvc exp run -S train.strategy=multi_worker` at once."""
+    hosts = [make_repo_copy(tmp_path / name) for name in ("host1", "host2")]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index, host in enumerate(hosts):
+        env = setup_copy(host, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+        cluster = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(["dvc", "exp", "run", "-S", "train.strategy=multi_worker"], cwd=host,
+                                          env=subprocess_env(TF_CONFIG=cluster, **env), text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in processes:
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, out[-3000:]
+        assert "2 replica(s)" in out  # one cluster, not two machines each training alone
+    chief, other = hosts
+    # One model, trained in lockstep: the same losses and scores on both; only the timings differ.
+    untimed = ["epoch_seconds", "images_per_second", "train_seconds"]
+    histories = [pandas.read_csv(host / "reports/train_history.csv").drop(columns=untimed[:2]) for host in hosts]
+    pandas.testing.assert_frame_equal(*histories)
+    finals = [{key: value for key, value in json.loads((host / "reports/train_metrics.json").read_text()).items()
+               if key not in untimed} for host in hosts]
+    assert finals[0] == finals[1]
+    assert (chief / "reports/metrics.json").read_text() == (other / "reports/metrics.json").read_text()
+    runs = runs_in(chief)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["params.train.strategy"] == "multi_worker"
+    assert json.loads((other / "models/mlflow_run.json").read_text())["run_id"] is None  # only the chief logs
+    assert not (other / "mlflow.db").exists() or runs_in(other).empty
