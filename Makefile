@@ -16,6 +16,8 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
 SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
+# Host names clients may reach it by, beyond MLflow's default of localhost and private addresses (e.g. mlflow.internal).
+SERVER_ALLOWED_HOSTS ?=
 COMPARE := reports/compare
 
 .PHONY: repro test lint venv clean-venv ui mlflow-server compare bench
@@ -42,7 +44,8 @@ ui: $(STAMP)
 
 mlflow-server: $(STAMP)
 	mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
-		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT)
+		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT) \
+		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)")
 
 compare: $(STAMP)
 	python -m cvae_pipeline.comparison --out $(COMPARE)

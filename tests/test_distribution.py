@@ -35,9 +35,11 @@ from conftest import params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
 from cvae_pipeline.training import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
-if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over all 512 images: its size is the gradient's
+if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many images: its size is the gradient's
     keras.optimizers.Adam = keras.optimizers.SGD
-    params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": 512, "learning_rate": 1e-3,
+    count = int(os.environ["ONE_SGD_STEP"])
+    data = PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test)
+    params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": count, "learning_rate": 1e-3,
                          "strategy": sys.argv[1], "precision": "float32"}})
     trainer = Trainer(params, data)
     before = [variable.numpy() for variable in trainer.model.trainable_variables]
@@ -46,7 +48,8 @@ if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over all 512 image
     step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
     print("RESULT", json.dumps({{"step": float(step), "replicas": trainer.strategy.num_replicas_in_sync}}))
     sys.exit()
-params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "learning_rate": 1e-3, "epochs": {epochs},
+params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.environ.get("BATCH", 32)),
+                     "learning_rate": 1e-3, "epochs": {epochs},
                      "strategy": sys.argv[1], "precision": "float32"}})
 trainer = Trainer(params, data)
 curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
@@ -92,6 +95,21 @@ def test_mirrored_on_two_logical_cpus_follows_the_one_device_curve(one_device):
     assert_same_curve(mirrored["curve"], one_device["curve"])
 
 
+def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_device_curve():
+    """512 = 17 x 30 + 2: one device trains on the 2, three replicas drop them (one would have no image)."""
+    mirrored = result(train("mirrored", LOGICAL_CPUS="3", BATCH="30"))
+    assert mirrored["replicas"] == 3
+    assert_same_curve(mirrored["curve"], result(train("one_device", BATCH="30"))["curve"])
+
+
+def test_a_batch_that_does_not_split_evenly_over_the_replicas_is_refused_naming_the_param():
+    process = train("mirrored", ONE_SGD_STEP="4", LOGICAL_CPUS="3")  # tf.distribute would split it 2/2/0
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert ("train.batch_size: 4 does not split evenly over the 3 replicas of train.strategy=mirrored; "
+            "use a multiple of 3") in err
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for probe in sockets:
@@ -110,16 +128,18 @@ def test_two_workers_on_loopback_follow_the_one_device_curve(one_device):
     chief, other = (result(process) for process in processes)
     assert chief["replicas"] == other["replicas"] == 2
     assert chief["chief"] and not other["chief"]
-    assert chief["curve"] == other["curve"]  # one model, trained in lockstep
+    assert chief["curve"] == other["curve"]  # the all-reduced losses...
+    assert chief["test_elbo"] == other["test_elbo"]  # ...and each worker's own weights: one model, in lockstep
     assert_same_curve(chief["curve"], one_device["curve"])
 
 
-def test_replicas_sum_their_gradients_to_the_one_device_gradient():
+@pytest.mark.parametrize(("replicas", "images"), [(2, 512), (3, 510)])
+def test_replicas_sum_their_gradients_to_the_one_device_gradient(replicas, images):
     """Adam hides a gradient off by a constant factor (its step is scale-free); a plain SGD step does not: the
     replicas' gradients of their share of the global mean must add up to the one-device gradient."""
-    one, mirrored = (result(train(strategy, ONE_SGD_STEP="1", LOGICAL_CPUS=cpus))
-                     for strategy, cpus in (("one_device", ""), ("mirrored", "2")))
-    assert mirrored["replicas"] == 2
+    one, mirrored = (result(train(strategy, ONE_SGD_STEP=str(images), LOGICAL_CPUS=cpus))
+                     for strategy, cpus in (("one_device", ""), ("mirrored", str(replicas))))
+    assert mirrored["replicas"] == replicas
     assert abs(mirrored["step"] / one["step"] - 1) <= STEP_TOLERANCE, (mirrored, one)
 
 
@@ -127,6 +147,33 @@ def test_multi_worker_without_a_cluster_says_what_is_missing():
     process = train("multi_worker", TF_CONFIG="")
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0 and "train.strategy=multi_worker needs TF_CONFIG" in err
+
+
+AGREEMENT = """
+import os, sys
+import tensorflow as tf
+from cvae_pipeline.distribution import require_same_on_every_worker
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+require_same_on_every_worker(strategy, {"checkpoint epoch": int(sys.argv[1])}, "give them the same checkpoint")
+print("AGREED")
+"""
+
+
+@pytest.mark.parametrize(("epochs", "agreed"), [((3, 3), True), ((0, 3), False)])
+def test_workers_resuming_from_different_checkpoints_all_stop_saying_why(epochs, agreed):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [subprocess.Popen([sys.executable, "-c", AGREEMENT, str(epoch)], text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(
+                                      {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
+                 for index, epoch in enumerate(epochs)]
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        if agreed:
+            assert process.returncode == 0 and "AGREED" in out, err[-2000:]
+        else:  # every worker, not only the one that differs from the chief
+            assert process.returncode != 0 and "AGREED" not in out
+            assert "the workers disagree on their checkpoint epoch (0, 3): give them the same checkpoint" in err
 
 
 def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):

@@ -32,14 +32,16 @@ def server(tmp_path):
     process = subprocess.Popen(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
+    deadline, healthy = time.monotonic() + 120, False
+    while not healthy and time.monotonic() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2):
-                break
+                healthy = True
         except OSError:
             time.sleep(0.5)
-    assert process.poll() is None, "mlflow server exited"
+    if not healthy:
+        os.killpg(process.pid, signal.SIGTERM)
+        pytest.fail(f"make mlflow-server did not answer on {base}/health within 120 s (exit code {process.poll()})")
     yield {"uri": base, "store": store, "artifacts": artifacts}
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=30)
@@ -49,6 +51,10 @@ def test_make_mlflow_server_listens_on_loopback_with_a_sql_store_and_served_arti
     dry_run = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host 127.0.0.1" in dry_run
     assert '--backend-store-uri "sqlite:///' in dry_run and "--serve-artifacts" in dry_run
+    assert "--allowed-hosts" not in dry_run  # MLflow's default: localhost and private addresses only
+    named = subprocess.run(["make", "-n", "mlflow-server", "SERVER_ALLOWED_HOSTS=mlflow.internal,mlflow.internal:5000"],
+                           cwd=REPO, capture_output=True, text=True).stdout
+    assert '--allowed-hosts "mlflow.internal,mlflow.internal:5000"' in named
 
 
 def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):

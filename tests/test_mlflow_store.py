@@ -4,6 +4,8 @@ import http.server
 import socket
 import threading
 
+import pytest
+
 from cvae_pipeline import mlflow_store
 
 
@@ -30,18 +32,26 @@ def test_dvc_root_names_the_main_repository(tmp_path, monkeypatch):
     assert mlflow_store.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_a_server_answering_with_an_error_status_still_counts_as_answering():
-    class NoHealth(http.server.BaseHTTPRequestHandler):
+def serve_status(status: int) -> http.server.HTTPServer:
+    """A loopback HTTP server that answers every GET with `status`."""
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_error(404)
+            self.send_error(status)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), NoHealth)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(("status", "problem"), [(404, None), (401, None), (502, "HTTP 502 Bad Gateway"),
+                                                 (503, "HTTP 503 Service Unavailable")])
+def test_an_error_status_counts_as_answering_but_a_proxy_without_its_server_does_not(status, problem):
+    server = serve_status(status)  # 404: a server without /health; 5xx: a proxy whose server is down
     try:
-        assert mlflow_store.unanswered(f"http://127.0.0.1:{server.server_port}") is None
+        assert mlflow_store.unanswered(f"http://127.0.0.1:{server.server_port}") == problem
     finally:
         server.shutdown()
 

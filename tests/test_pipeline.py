@@ -62,6 +62,25 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     assert set(json.loads(status.stdout)) == {"evaluate"}  # only evaluate depends on evaluate.*
 
 
+def test_the_committed_lock_matches_the_code_and_params_of_a_fresh_clone(repo_copy):
+    """Else `dvc pull` then `make repro` would retrain: every dependency in Git hashes as dvc.lock says."""
+    status = run(["dvc", "status", "--json"], repo_copy)
+    assert status.returncode == 0, status.stderr
+    stale = {}
+    for stage, changes in json.loads(status.stdout).items():
+        for change in changes:
+            if not isinstance(change, dict):  # "changed checksum", "always changed" and the like
+                stale.setdefault(stage, []).append(change)
+                continue
+            for kind, paths in change.items():
+                if kind == "changed outs":
+                    continue  # a fresh clone has none of them
+                for path, state in paths.items() if isinstance(paths, dict) else [(None, paths)]:
+                    if state != "deleted":  # upstream outputs, as dependencies, are absent in a fresh clone
+                        stale.setdefault(stage, []).append({kind: {path: state}})
+    assert not stale, f"dvc.lock is out of date (run `make repro` and commit it): {stale}"
+
+
 def test_evaluate_and_visualize_fail_clearly_without_a_model(repo_copy, fake_mnist):
     env = setup_copy(repo_copy, fake_mnist)
     assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0

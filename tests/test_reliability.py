@@ -78,8 +78,12 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
         process.wait()
         if checkpoint.exists():  # whatever moment the kill hit, the checkpoint is whole
             with np.load(checkpoint, allow_pickle=False) as saved:
-                epochs_at_kill.append(int(saved["epoch"]))
-                assert all(saved[name].size >= 0 for name in saved.files)
+                epoch = int(saved["epoch"])
+                epochs_at_kill.append(epoch)
+                # Every array reads back (a torn zip would not), and all of them are of the same epoch.
+                arrays = {name: saved[name] for name in saved.files}
+                assert len(json.loads(str(arrays["history"]))) == epoch and len(arrays["grids"]) == epoch + 1
+                assert sum(name.startswith("model_") for name in arrays) == 14  # 7 layers: kernel and bias each
         else:
             epochs_at_kill.append(0)
     assert epochs_at_kill == sorted(epochs_at_kill) and epochs_at_kill[-1] < KILL_EPOCHS, epochs_at_kill
@@ -238,3 +242,28 @@ def test_tracking_not_required_trains_anyway_and_keeps_the_metrics_in_dvc(repo_c
     shown = run(["dvc", "metrics", "show", "--json"], repo_copy)
     assert "test_elbo" in shown.stdout and "iwae" in shown.stdout
     assert not (repo_copy / "mlflow.db").exists()
+
+
+@pytest.mark.reliability
+def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reaches_it(repo_copy, fake_mnist, tmp_path):
+    env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, train={**TINY["train"], "epochs": 20})
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+    log = tmp_path / "offline.log"
+    with open(log, "w") as stderr:  # trains without MLflow until killed once an epoch is checkpointed
+        process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy, start_new_session=True, stderr=stderr,
+                                   env=subprocess_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", **env),
+                                   stdout=subprocess.DEVNULL)
+    wait_until((repo_copy / "models/checkpoint.npz").exists, process)
+    assert process.poll() is None, log.read_text()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    resumed = run(["dvc", "repro", "train"], repo_copy, **env)  # now with the repository's own store
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch" in resumed.stderr
+    runs = runs_in(repo_copy)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    logged = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "test_elbo")
+    history = pd.read_csv(repo_copy / "reports/train_history.csv")
+    assert [metric.step for metric in logged] == history["epoch"].tolist() == list(range(1, 21))
+    assert [metric.value for metric in logged] == pytest.approx(history["test_elbo"].tolist(), rel=1e-5)

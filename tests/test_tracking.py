@@ -155,3 +155,36 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
     assert reopened is None and not list(tmp_path.glob("mlflow.db"))
 
 
+
+
+@pytest.mark.reliability
+def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_required(store, monkeypatch):
+    def broken(name):
+        raise ConnectionResetError("the store went away")
+
+    monkeypatch.setattr(tracking, "ensure_experiment", broken)
+    with pytest.raises(ConnectionResetError), tracking.active_run(CFG):
+        pass
+    monkeypatch.setattr(tracking, "_session", tracking._Session())
+    with tracking.active_run(dataclasses.replace(CFG, required=False)) as run:
+        assert run is None
+        tracking.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
+
+
+@pytest.mark.reliability
+def test_a_run_being_reopened_is_claimed_before_it_is_running_so_no_stage_takes_it_for_a_dead_one(store, monkeypatch):
+    client = mlflow.MlflowClient()
+    previous = client.create_run(tracking.ensure_experiment("e"), tags={"host": tracking.HOST, "pid": str(dead_pid())})
+    client.set_terminated(previous.info.run_id, "KILLED")
+    owners_at_reopening = []
+    start_run = mlflow.start_run
+
+    def watched_start_run(*args, **kwargs):  # the moment the run turns RUNNING again
+        owners_at_reopening.append(client.get_run(previous.info.run_id).data.tags["pid"])
+        return start_run(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "start_run", watched_start_run)
+    with tracking.active_run(CFG, run_id=previous.info.run_id):
+        pass
+    assert owners_at_reopening == [str(os.getpid())]
+    assert status_of(previous.info.run_id) == "FINISHED"

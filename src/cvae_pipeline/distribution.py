@@ -2,7 +2,7 @@
 
 `auto` picks MirroredStrategy when several GPUs are visible, else the default strategy on the one device.
 `multi_worker` (MultiWorkerMirroredStrategy) reads the cluster from `TF_CONFIG`; every worker runs the same train
-stage, and only the chief (worker 0) writes the outputs and logs to MLflow.
+stage in its own clone of the repository and writes the same outputs there; only the chief (worker 0) logs to MLflow.
 """
 
 import json
@@ -10,7 +10,7 @@ import os
 
 import tensorflow as tf
 
-from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.errors import TrainingError, UserInputError
 
 CLUSTER_ENV = "TF_CONFIG"
 
@@ -42,10 +42,22 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes the outputs: always, but for the workers other than the chief of a cluster."""
+    """Whether this process logs to MLflow: always, but for the workers other than the chief of a cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
         return True
     if "chief" in resolver.cluster_spec().as_dict():
         return resolver.task_type == "chief"
     return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def require_same_on_every_worker(strategy: tf.distribute.Strategy, values: dict[str, int], remedy: str) -> None:
+    """Stop every worker of a cluster, with the same message, unless all hold the same `values`."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return  # one process: nothing can differ
+    mine = list(values.values())
+    rows = strategy.gather(strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0).numpy()
+    for column, name in enumerate(values):
+        seen = sorted({int(value) for value in rows[:, column]})
+        if len(seen) > 1:
+            raise TrainingError(f"the workers disagree on their {name} ({', '.join(map(str, seen))}): {remedy}")

@@ -71,8 +71,10 @@ def unanswered(uri: str) -> str | None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT):
                 return None
-        except urllib.error.HTTPError:
-            return None  # it answered, if not with 200: a server that has no /health
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                return None  # it answered, if not with 200: a server that has no /health
+            problem = f"HTTP {error.code} {error.reason}"  # a proxy in front of a server that is down
         except (OSError, ValueError) as error:
             problem = str(getattr(error, "reason", None) or error)
     return problem

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,12 +179,23 @@ def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | N
     if not connect(cfg):
         yield None
         return
-    experiment_id = ensure_experiment(cfg.experiment)
     mlflow = _mlflow()
-    reap_dead_runs(mlflow.MlflowClient(), experiment_id)
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                           run_name=None if run_id else run_name,
-                           tags={**(tags or {}), "host": HOST, "pid": str(os.getpid())})
+    owner = {"host": HOST, "pid": str(os.getpid())}
+    try:
+        experiment_id = ensure_experiment(cfg.experiment)
+        client = mlflow.MlflowClient()
+        if run_id:  # claimed before it is RUNNING again, so no other stage takes it for a dead process's run
+            for key, value in owner.items():
+                client.set_tag(run_id, key, value)
+        reap_dead_runs(client, experiment_id)
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                               run_name=None if run_id else run_name, tags={**(tags or {}), **owner})
+    except UserInputError:
+        raise
+    except Exception as error:  # the store failed while opening the run: fatal only when tracking is required
+        _go_offline(error)
+        yield None
+        return
     try:
         yield run
     except KeyboardInterrupt:
@@ -228,6 +240,20 @@ def _log(action) -> None:
 
 def log_params(params: Params) -> None:
     _log(lambda mlflow: mlflow.log_params(flatten(params)))
+
+
+def log_history(history: list[dict]) -> None:
+    """Earlier epochs' metrics (rows with an "epoch"), each at its epoch as step, in batched calls."""
+    def log(mlflow) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(row["epoch"]))
+                   for row in history for key, value in row.items() if key != "epoch"]
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+    if history:
+        _log(log)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

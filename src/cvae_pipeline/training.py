@@ -22,8 +22,8 @@ from cvae_pipeline import checkpoints, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
-from cvae_pipeline.distribution import is_chief, make_strategy
-from cvae_pipeline.errors import TrainingError
+from cvae_pipeline.distribution import is_chief, make_strategy, require_same_on_every_worker
+from cvae_pipeline.errors import TrainingError, UserInputError
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
 from cvae_pipeline.losses import elbo_terms
 from cvae_pipeline.model import build_cvae
@@ -64,12 +64,22 @@ class Trainer:
             self.generator = tf.random.Generator.from_seed(params.seed)
 
         self.train_images = data.train.images[..., None]
-        # The images stay where the model runs (on the GPU when there is one, 47 MB as uint8); tf.data shuffles and
-        # batches only their indices, and each step gathers its batch there: no host-to-device copy per step.
-        with tf.device("/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"):
-            self._images_on_device = tf.identity(tf.constant(self.train_images))
+        # The images stay where the model runs, one copy on each replica's device (47 MB as uint8); tf.data shuffles
+        # and batches only their indices, and each step gathers its batch there: no host-to-device copy per step.
+        self._replica_images = self.strategy.experimental_distribute_values_from_function(
+            lambda context: tf.identity(tf.constant(self.train_images)))
         self._indices = tf.data.Dataset.range(len(self.train_images))
-        self.steps_per_epoch = math.ceil(len(self.train_images) / cfg.batch_size)
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch_size % replicas:  # tf.distribute would hand some replicas fewer images, or none
+            raise UserInputError(f"train.batch_size: {cfg.batch_size} does not split evenly over the {replicas} "
+                                 f"replicas of train.strategy={cfg.strategy}; use a multiple of {replicas}")
+        # Nor can a last short batch be shared: with several replicas it is dropped (a different few images each epoch).
+        self._drop_remainder = replicas > 1
+        count = len(self.train_images)
+        self.steps_per_epoch = count // cfg.batch_size if self._drop_remainder else math.ceil(count / cfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise UserInputError(f"train.batch_size: {cfg.batch_size} is more than the {count} training images; "
+                                 f"with {replicas} replicas a batch must be whole")
         self.eval_images = data.test.images[: cfg.eval_limit, ..., None]
         rng = np.random.default_rng([params.seed, 1])
         latent = params.model.latent_dim
@@ -87,13 +97,14 @@ class Trainer:
         settings["train"].pop("strategy")
         return checkpoints.fingerprint(settings, self.train_images, self.eval_images)
 
-    def _step(self, indices):
+    def _step(self, indices, replica_images):
         """One replica's share of an optimizer step: its images by index, and its part of the global mean loss."""
-        images = tf.cast(tf.gather(self._images_on_device, indices), tf.float32)
+        images = tf.cast(tf.gather(replica_images, indices), tf.float32)
         noise = self.generator.normal((tf.shape(images)[0], self.params.model.latent_dim))
         with tf.GradientTape() as tape:
             reconstruction, kl = elbo_terms(self.model, images, noise, self.params.train.kl)
-            # Sum over this replica's images / the global batch: the optimizer sums the replicas' gradients.
+            # Sum over this replica's images / the global batch (replicas share it evenly): the optimizer sums the
+            # replicas' gradients.
             loss = tf.nn.compute_average_loss(reconstruction + self.params.train.beta * kl)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.model.trainable_variables)
@@ -104,7 +115,7 @@ class Trainer:
         """`count` optimizer steps in one compiled call; their (global mean) losses, in order."""
         losses = tf.TensorArray(tf.float32, size=count)
         for index in tf.range(count):
-            per_replica = self.strategy.run(self._train_step, args=(next(iterator),))
+            per_replica = self.strategy.run(self._train_step, args=(next(iterator), self._replica_images))
             losses = losses.write(index, self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
         return losses.stack()
 
@@ -115,7 +126,8 @@ class Trainer:
     def epoch_batches(self, epoch: int) -> tf.data.Dataset:
         """This epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches."""
         shuffled = self._indices.shuffle(len(self.train_images), seed=self.params.seed * 100_003 + epoch)
-        return shuffled.batch(self.params.train.batch_size).prefetch(tf.data.AUTOTUNE)
+        return shuffled.batch(self.params.train.batch_size, drop_remainder=self._drop_remainder).prefetch(
+            tf.data.AUTOTUNE)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
@@ -225,6 +237,10 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data)
     state = trainer.restore_checkpoint(outputs.checkpoint)
+    # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
+    require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
+                                                    "training settings": int(trainer.fingerprint()[:12], 16)},
+                                 f"give every worker the same commit, params, data and {outputs.checkpoint}")
     if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
         tracking.disable("this worker is not the chief, which logs the run")
     log.info("training on %s with %s precision, %d replica(s); MLflow store %s", device, params.train.precision,
@@ -233,6 +249,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     with tracking.active_run(params.tracking, state.run_id, tags.get("dvc_experiment"), tags) as run:
         if state.run_id is None and run is not None:
             tracking.log_params(params)
+            tracking.log_history(state.history)  # epochs trained while MLflow was away, if any
             state.run_id = run.info.run_id
         # Each epoch is logged before it is checkpointed, so a resumed run has nothing to log again.
         state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
