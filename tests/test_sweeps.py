@@ -35,6 +35,9 @@ def sweep(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     repo = make_repo_copy(folder / "repo")
     env = setup_copy(repo, write_fake_mnist(folder), evaluate={"iwae_k": 5, "samples": 1})
+    # As the README says: prepare once, so the workers take its outputs from the cache instead of all writing them.
+    prepared = run(["dvc", "repro", "prepare"], repo, **env)
+    assert prepared.returncode == 0, prepared.stderr
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny"], cwd=repo, check=True)
     baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
 
