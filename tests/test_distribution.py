@@ -20,7 +20,7 @@ TOLERANCE = 0.02  # relative, per epoch: the replicas draw other noise than one 
 EPOCHS = 3
 STEP_TOLERANCE = 0.02  # measured 0.01% (the two draw other noise); a wrong sum or mean is off by 50-100%
 
-# Trains the small synthetic set in a fresh process (devices can only be split before TensorFlow starts).
+# Trains the small synthetic set.
 SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
@@ -58,10 +58,20 @@ print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_re
 """.format(tests=str(REPO / "tests"), epochs=EPOCHS)
 
 
-def train(strategy: str, **env: str) -> subprocess.Popen:
+def start(script: str, *args: str, **env: str) -> subprocess.Popen:
+    """`script` in a fresh Python process (devices can only be split before TensorFlow starts)."""
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, strategy], env=environment, text=True,
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=environment, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def train(strategy: str, **env: str) -> subprocess.Popen:
+    return start(SCRIPT, strategy, **env)
+
+
+def cluster(workers: list[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of `workers`."""
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
 def result(process: subprocess.Popen) -> dict:
@@ -122,9 +132,7 @@ def free_ports(count: int) -> list[int]:
 
 def test_two_workers_on_loopback_follow_the_one_device_curve(one_device):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [train("multi_worker", TF_CONFIG=json.dumps({"cluster": {"worker": workers},
-                                                             "task": {"type": "worker", "index": index}}))
-                 for index in range(2)]
+    processes = [train("multi_worker", TF_CONFIG=cluster(workers, index)) for index in range(2)]
     chief, other = (result(process) for process in processes)
     assert chief["replicas"] == other["replicas"] == 2
     assert chief["chief"] and not other["chief"]
@@ -149,6 +157,37 @@ def test_multi_worker_without_a_cluster_says_what_is_missing():
     assert process.returncode != 0 and "train.strategy=multi_worker needs TF_CONFIG" in err
 
 
+ENDLESS = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import params_with, synthetic_digits
+from cvae_pipeline.data import PreparedData, Split
+from cvae_pipeline.training import Trainer
+data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
+trainer = Trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
+                                                               "precision": "float32"}}), data)
+for epoch in range(1, 1000):
+    trainer.train_epoch(epoch)
+    print("EPOCH", epoch, flush=True)
+""".format(tests=str(REPO / "tests"))
+
+
+def test_when_a_worker_dies_the_others_stop_saying_so():
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    chief, doomed = (start(ENDLESS, TF_CONFIG=cluster(workers, index)) for index in range(2))
+    try:
+        if not any(line.startswith("EPOCH 1") for line in doomed.stdout):  # stops reading at the first epoch's end
+            pytest.fail("the second worker ended before its first epoch")
+        doomed.kill()
+        _, err = chief.communicate(timeout=120)  # loopback resets the connection at once; TF's health check, else
+    finally:
+        for process in (chief, doomed):
+            process.kill()
+            process.wait()
+    assert chief.returncode != 0
+    assert "another worker of the cluster is gone" in err and "start every worker again" in err
+
+
 AGREEMENT = """
 import os, sys
 import tensorflow as tf
@@ -162,11 +201,7 @@ print("AGREED")
 @pytest.mark.parametrize(("epochs", "agreed"), [((3, 3), True), ((0, 3), False)])
 def test_workers_resuming_from_different_checkpoints_all_stop_saying_why(epochs, agreed):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [subprocess.Popen([sys.executable, "-c", AGREEMENT, str(epoch)], text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE,
-                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(
-                                      {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})})
-                 for index, epoch in enumerate(epochs)]
+    processes = [start(AGREEMENT, str(epoch), TF_CONFIG=cluster(workers, index)) for index, epoch in enumerate(epochs)]
     for process in processes:
         out, err = process.communicate(timeout=300)
         if agreed:
@@ -183,9 +218,8 @@ def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
     processes = []
     for index, host in enumerate(hosts):
         env = setup_copy(host, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
-        cluster = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         processes.append(subprocess.Popen(["dvc", "exp", "run", "-S", "train.strategy=multi_worker"], cwd=host,
-                                          env=subprocess_env(TF_CONFIG=cluster, **env), text=True,
+                                          env=subprocess_env(TF_CONFIG=cluster(workers, index), **env), text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for process in processes:
         out, _ = process.communicate(timeout=900)

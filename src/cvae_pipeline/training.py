@@ -136,7 +136,14 @@ class Trainer:
         iterator = iter(self.strategy.experimental_distribute_dataset(self.epoch_batches(epoch)))
         while done < self.steps_per_epoch:
             count = min(self.params.train.steps_per_call, self.steps_per_epoch - done)
-            losses = self._train_steps(iterator, tf.constant(count)).numpy()
+            try:
+                losses = self._train_steps(iterator, tf.constant(count)).numpy()
+            except tf.errors.UnavailableError as error:  # a peer of a multi-worker cluster died or cannot be reached
+                lines = [line.strip() for line in str(error.message).splitlines() if line.strip()] or ["unavailable"]
+                at = next((index for index, line in enumerate(lines) if "aborted" in line), len(lines) - 1)
+                reason = " ".join(lines[at:at + 2] if lines[at].endswith(":") else lines[at:at + 1])
+                raise TrainingError(f"epoch {epoch}: another worker of the cluster is gone ({reason}); start every "
+                                    "worker again, and they resume after the last checkpoint") from None
             diverged = np.flatnonzero(~np.isfinite(losses))
             if diverged.size:
                 step = done + int(diverged[0]) + 1
