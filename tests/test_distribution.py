@@ -1,6 +1,7 @@
-"""tf.distribute: the strategy choice, and MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
-processes on loopback) training to the one-device loss curve at the same global batch size; and the README's launch of
-workers with `dvc exp run`, two repository copies standing in for two hosts."""
+"""tf.distribute: the strategy choice; MirroredStrategy (2 and 3 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
+processes on loopback) training to the one-device loss curve at the same global batch size, and summing the replicas'
+gradients to the one-device gradient; workers that disagree or die; and the README's launch of workers with
+`dvc exp run`, two repository copies standing in for two hosts."""
 
 import json
 import os
