@@ -51,6 +51,13 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
+def lost_worker(error: tf.errors.UnavailableError) -> str:
+    """The line of a collective's failure that says why (TensorFlow's message runs to many lines of gRPC detail)."""
+    lines = [line.strip() for line in str(error.message).splitlines() if line.strip()] or ["unavailable"]
+    at = next((index for index, line in enumerate(lines) if "aborted" in line), len(lines) - 1)
+    return " ".join(lines[at:at + 2] if lines[at].endswith(":") else lines[at:at + 1])
+
+
 def require_same_on_every_worker(strategy: tf.distribute.Strategy, values: dict[str, int], remedy: str) -> None:
     """Stop every worker of a cluster, with the same message, unless all hold the same `values`."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -5,6 +5,7 @@ from the checkpoint when there is one, logs everything to one MLflow run and wri
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -22,7 +23,7 @@ from cvae_pipeline import checkpoints, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
-from cvae_pipeline.distribution import is_chief, make_strategy, require_same_on_every_worker
+from cvae_pipeline.distribution import is_chief, lost_worker, make_strategy, require_same_on_every_worker
 from cvae_pipeline.errors import TrainingError, UserInputError
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
 from cvae_pipeline.losses import elbo_terms
@@ -90,6 +91,7 @@ class Trainer:
         self._train_steps = tf.function(self._steps)
         self._eval_step = tf.function(self._eval, jit_compile=cfg.jit_compile)
 
+    @functools.cached_property  # hashes the whole training set: once, not at every checkpoint
     def fingerprint(self) -> str:
         settings = dataclasses.asdict(self.params)
         settings.pop("tracking")
@@ -139,11 +141,8 @@ class Trainer:
             try:
                 losses = self._train_steps(iterator, tf.constant(count)).numpy()
             except tf.errors.UnavailableError as error:  # a peer of a multi-worker cluster died or cannot be reached
-                lines = [line.strip() for line in str(error.message).splitlines() if line.strip()] or ["unavailable"]
-                at = next((index for index, line in enumerate(lines) if "aborted" in line), len(lines) - 1)
-                reason = " ".join(lines[at:at + 2] if lines[at].endswith(":") else lines[at:at + 1])
-                raise TrainingError(f"epoch {epoch}: another worker of the cluster is gone ({reason}); start every "
-                                    "worker again, and they resume after the last checkpoint") from None
+                raise TrainingError(f"epoch {epoch}: another worker of the cluster is gone ({lost_worker(error)}); "
+                                    "start every worker again, and they resume after the last checkpoint") from None
             diverged = np.flatnonzero(~np.isfinite(losses))
             if diverged.size:
                 step = done + int(diverged[0]) + 1
@@ -174,11 +173,11 @@ class Trainer:
         return np.round(keras.ops.convert_to_numpy(probabilities)[..., 0] * 255).astype(np.uint8)
 
     def save_checkpoint(self, path: Path, state: TrainingState) -> None:
-        checkpoints.save(path, self.fingerprint(), state, self.model.get_weights(),
+        checkpoints.save(path, self.fingerprint, state, self.model.get_weights(),
                          [v.numpy() for v in self.optimizer.variables], self.generator.state.numpy())
 
     def restore_checkpoint(self, path: Path) -> TrainingState:
-        restored = checkpoints.restore(path, self.fingerprint())
+        restored = checkpoints.restore(path, self.fingerprint)
         if restored is None:
             return TrainingState(grids=[self.progress_grid()])
         self.model.set_weights(restored.model_weights)
@@ -246,7 +245,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     state = trainer.restore_checkpoint(outputs.checkpoint)
     # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
     require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
-                                                    "training settings": int(trainer.fingerprint()[:12], 16)},
+                                                    "training settings": int(trainer.fingerprint[:12], 16)},
                                  f"give every worker the same commit, params, data and {outputs.checkpoint}")
     if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
         tracking.disable("this worker is not the chief, which logs the run")
