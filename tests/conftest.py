@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -154,3 +156,16 @@ def runs_in(repo):
     """The runs of the default experiment in the copy's own store (`mlflow.search_runs`, as a user would)."""
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=["cvae-mnist"])
+
+
+def kill_training_once_checkpointed(repo: Path, **env: str) -> None:
+    """`dvc repro train` in `repo`, its whole process group killed with SIGKILL once an epoch is checkpointed."""
+    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=subprocess_env(**env),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = repo / "models/checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

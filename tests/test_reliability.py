@@ -24,7 +24,7 @@ import pytest
 import yaml
 from test_config import BROKEN
 
-from conftest import IDX_NAMES, TINY, run, runs_in, setup_copy, subprocess_env
+from conftest import IDX_NAMES, TINY, kill_training_once_checkpointed, run, runs_in, setup_copy, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -245,18 +245,11 @@ def test_tracking_not_required_trains_anyway_and_keeps_the_metrics_in_dvc(repo_c
 
 
 @pytest.mark.reliability
-def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reaches_it(repo_copy, fake_mnist, tmp_path):
+def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reaches_it(repo_copy, fake_mnist):
     env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, train={**TINY["train"], "epochs": 20})
     assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
-    log = tmp_path / "offline.log"
-    with open(log, "w") as stderr:  # trains without MLflow until killed once an epoch is checkpointed
-        process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy, start_new_session=True, stderr=stderr,
-                                   env=subprocess_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", **env),
-                                   stdout=subprocess.DEVNULL)
-    wait_until((repo_copy / "models/checkpoint.npz").exists, process)
-    assert process.poll() is None, log.read_text()[-2000:]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    # Trains without MLflow until killed.
+    kill_training_once_checkpointed(repo_copy, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", **env)
 
     resumed = run(["dvc", "repro", "train"], repo_copy, **env)  # now with the repository's own store
     assert resumed.returncode == 0, resumed.stderr[-3000:]

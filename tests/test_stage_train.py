@@ -1,11 +1,7 @@
 """End to end: `dvc repro train` in a temporary copy, read back from the files and from MLflow."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 
 import keras
 import mlflow
@@ -14,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, run, runs_in, setup_copy, subprocess_env
+from conftest import TINY, kill_training_once_checkpointed, run, runs_in, setup_copy
 from cvae_pipeline.model import CVAE
 
 pytestmark = pytest.mark.slow
@@ -73,17 +69,8 @@ def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_cop
     shutil.copytree(repo_copy, uninterrupted)
     assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
 
-    # Start training and kill -9 the whole process group once at least one epoch is checkpointed.
-    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy, env=subprocess_env(**env),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = repo_copy / "models/checkpoint.npz"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert process.poll() is None, "training ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_epoch = int(np.load(checkpoint)["epoch"])
+    kill_training_once_checkpointed(repo_copy, **env)
+    killed_epoch = int(np.load(repo_copy / "models/checkpoint.npz")["epoch"])
     assert 1 <= killed_epoch < 4
     assert runs_in(repo_copy).iloc[0]["status"] == "RUNNING"  # what kill -9 leaves behind, until the resume
 
