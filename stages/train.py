@@ -17,7 +17,8 @@ def main() -> None:
     from cvae_pipeline.training import TrainOutputs, train_and_track  # TensorFlow loads after validation
 
     data = load_prepared(args.prepared)
-    train_and_track(params, data, TrainOutputs(**{name: Path(getattr(args, name)) for name in OUTPUTS}))
+    outputs = TrainOutputs(**{name: Path(getattr(args, name)) for name in OUTPUTS})
+    train_and_track(params, data, outputs, script=Path(__file__))
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def test_prepared_data_round_trips_bit_packed(fake_mnist, tmp_path, monkeypatch)
 @pytest.mark.reliability
 def test_prepared_data_with_pickled_objects_is_refused(tmp_path):
     np.savez(tmp_path / "evil.npz", train_images=np.array([object()], dtype=object))
-    with pytest.raises(DataError, match="not a prepared dataset"):
+    with pytest.raises(DataError, match="damaged prepared data"):
         data.load_prepared(tmp_path / "evil.npz")
 
 

@@ -2,12 +2,16 @@
 
 It holds what an uninterrupted run would carry from one epoch to the next: the weights, the optimizer's
 variables, the noise generator's state, the epoch, the metrics history, the progress grids and the MLflow run id.
-A fingerprint of the params and the data guards against resuming a run of a different configuration.
+Only the training that wrote a checkpoint, interrupted before it finished, may resume it: a fingerprint of the params,
+the data and the code guards against resuming another configuration, and a finished training marks its checkpoint
+so, which makes any later run (`dvc repro -f`, a changed param that does not enter the fingerprint) start afresh.
+A damaged file is never fatal: it is ignored with a warning.
 """
 
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ class TrainingState:
     history: list[dict] = field(default_factory=list)
     grids: list[np.ndarray] = field(default_factory=list)  # one (16, 28, 28) uint8 grid per epoch, from epoch 0
     run_id: str | None = None
+    finished: bool = False  # the training completed and wrote its outputs: nothing left to resume
 
 
 def fingerprint(*parts: object) -> str:
@@ -41,6 +46,7 @@ def save(path: str | Path, key: str, state: TrainingState, model_weights: list[n
         "epoch": np.array(state.epoch),
         "history": np.array(json.dumps(state.history)),
         "run_id": np.array(state.run_id or ""),
+        "finished": np.array(state.finished),
         "grids": np.stack(state.grids),
         "generator_state": generator_state,
     }
@@ -66,7 +72,10 @@ def restore(path: str | Path, key: str) -> Restored | None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if str(archive["fingerprint"]) != key:
-                log.info("%s is from another configuration; starting afresh", path)
+                log.info("%s is from other params, data or code; training starts afresh at epoch 1", path)
+                return None
+            if bool(archive["finished"]):
+                log.info("%s is of a training that finished; this one starts afresh at epoch 1", path)
                 return None
             names = sorted(archive.files)
             state = TrainingState(
@@ -81,7 +90,8 @@ def restore(path: str | Path, key: str) -> Restored | None:
                 [archive[name] for name in names if name.startswith("optimizer_")],
                 archive["generator_state"],
             )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
-        log.warning("%s is unreadable (%s); starting afresh", path, error)
+        log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", path,
+                    type(error).__name__, error)
         return None

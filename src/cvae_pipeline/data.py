@@ -14,6 +14,7 @@ import os
 import struct
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +251,9 @@ def load_prepared(path: str | Path) -> PreparedData:
                 splits[split] = Split(images, archive[f"{split}_labels"])
     except FileNotFoundError:
         raise DataError(f"{path}: prepared data not found; run `dvc repro prepare` first") from None
-    except (OSError, KeyError, ValueError) as error:
-        raise DataError(f"{path}: not a prepared dataset ({error})") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: damaged prepared data ({type(error).__name__}: {error}); "
+                        "run `dvc repro -f prepare` to prepare it again") from None
     return PreparedData(**splits)
 
 

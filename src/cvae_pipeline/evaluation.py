@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import tracking
+from cvae_pipeline import records, tracking
 from cvae_pipeline.config import EvaluateParams, Params
 from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.inference import BATCH, as_inputs, load_trained
@@ -118,14 +118,17 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
     return int(np.sum(np.var(posterior_means.astype(np.float64), axis=0) > threshold))
 
 
-def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, run_reference: Path,
+def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, upstream: records.Upstream,
                        metrics_path: Path) -> dict[str, float]:
-    """The evaluate stage: score the trained model, write the metrics file, log them to the training's MLflow run."""
+    """The evaluate stage: score the trained model, write the metrics file, log them to this execution's MLflow run
+    (`records.stage_run`: the training's run, or a follow-up run of its own)."""
     model = load_trained(model_path, params.model)
-    with tracking.training_run(params.tracking, run_reference):
+    with records.stage_run(params, "evaluate", upstream):
         metrics = Evaluator(model, params.evaluate, params.seed).evaluate(test_images)
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
         write_json_atomic(metrics_path, metrics)
-        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()})
+        # With the tag that says the run holds them, in one call: a repeated evaluate never logs a second point.
+        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
+                             tags={records.done_tag("evaluate"): "done"})
     return metrics

@@ -5,6 +5,7 @@ randomness, so the same inputs give the same files.
 """
 
 import statistics
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
 from PIL import Image, ImageDraw
 
-from cvae_pipeline import tracking
+from cvae_pipeline import records, tracking
 from cvae_pipeline.config import Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
@@ -157,18 +158,30 @@ FIGURES = ("reconstructions.png", "prior_samples.png", "latent_scatter.png", "tr
            "training_progress.gif", "latent_manifold.png")
 
 
-def draw_all(params: Params, data: PreparedData, model_path: Path, history_path: Path, progress_path: Path,
-             run_reference: Path, folder: Path) -> list[Path]:
-    """The visualize stage: every figure into `folder`, and into the training's MLflow run as artifacts."""
-    model = load_trained(model_path, params.model)
+def load_progress(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The progress grids ((epochs + 1, 16, 28, 28) uint8) and their epochs; one clear line when missing or damaged."""
     try:
-        history = pd.read_csv(history_path)
-        with np.load(progress_path, allow_pickle=False) as progress:
+        with np.load(path, allow_pickle=False) as progress:
             grids, epochs = progress["grids"], progress["epochs"]
-    except FileNotFoundError as error:
-        raise UserInputError(f"{error.filename}: missing; run `dvc repro train` first") from None
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: missing; run `dvc repro train` first") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise UserInputError(f"{path}: damaged progress grids ({type(error).__name__}: {error}); "
+                             "run `dvc repro train` to write them again") from None
+    if grids.ndim != 4 or grids.shape[2:] != (28, 28) or grids.dtype != np.uint8 or len(epochs) != len(grids):
+        raise UserInputError(f"{path}: damaged progress grids (shape {grids.shape}, {len(epochs)} epochs); "
+                             "run `dvc repro train` to write them again")
+    return grids, epochs
+
+
+def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path: Path, upstream: records.Upstream,
+             folder: Path) -> list[Path]:
+    """The visualize stage: every figure into `folder`, and into this execution's MLflow run as artifacts."""
+    model = load_trained(model_path, params.model)
+    grids, epochs = load_progress(progress_path)
+    history, _, _ = upstream.read()
     cfg, test = params.visualize, data.test
-    with tracking.training_run(params.tracking, run_reference):
+    with records.stage_run(params, "visualize", upstream):
         folder.mkdir(parents=True, exist_ok=True)
         reconstructions(model, test.images, cfg, folder / "reconstructions.png")
         prior_samples(model, cfg, params.model.latent_dim, params.seed, folder / "prior_samples.png")
@@ -182,4 +195,5 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, history_path:
         else:
             (folder / "latent_manifold.png").unlink(missing_ok=True)  # left from a 2-D run: it would mislead
         tracking.log_artifacts(written, "figures")
+        tracking.set_tags({records.done_tag("visualize"): "done"})
     return written

@@ -1,5 +1,6 @@
 """Using a trained model: load it safely in float32, and encode or decode many images in batches."""
 
+import zipfile
 from pathlib import Path
 
 import keras
@@ -19,8 +20,9 @@ def load_trained(path: str | Path, cfg: ModelParams) -> CVAE:
         raise UserInputError(f"{path}: no trained model; run `dvc repro train` first")
     try:
         saved = keras.models.load_model(path, safe_mode=True, compile=False)
-    except (OSError, ValueError, TypeError) as error:
-        raise UserInputError(f"{path}: not a model this pipeline can load ({error})") from None
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise UserInputError(f"{path}: not a model this pipeline can load ({type(error).__name__}: {error}); "
+                             "run `dvc repro train` to write it again") from None
     if not isinstance(saved, CVAE) or saved.latent_dim != cfg.latent_dim:
         raise UserInputError(f"{path}: model does not match model.latent_dim={cfg.latent_dim} in params.yaml; "
                              "run `dvc repro train`")

@@ -1,12 +1,12 @@
-"""MLflow: one run per pipeline execution shared by the stages, and what is logged to it (the store: `mlflow_store`).
+"""MLflow: this process's session with the store, opening and ending runs, and what is logged to them.
 
-Train creates the run and records its id in a declared output; later stages
-reopen that run by id. Runs of DVC experiments are named after them and tagged with their baseline commit and a
-sweep id (`tracking.sweep`, else the baseline's short hash), so that one sweep's runs can be found together.
+Which run a stage logs into is `records`' decision; where the store is and whether it answers, `mlflow_store`'s.
+Runs are named so that a person can tell them apart: after the DVC experiment, else after the stage, commit and time.
 
 Faults: a store that does not answer stops a stage within seconds, before any work (`tracking.required: true`), or
 lets it go on without MLflow (`false`; the DVC files keep every metric). A run whose process died (kill -9, power
 loss) is marked KILLED by the next stage that opens the store on the same host, so none stays RUNNING forever.
+Logging is idempotent where a killed stage may repeat it: a metric is logged once per step, a model once per run.
 """
 
 import contextlib
@@ -65,6 +65,16 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def run_name(stage: str) -> str:
+    """The DVC experiment's name when DVC runs one, else `<stage>-<commit>-<UTC time>`: never MLflow's random name,
+    which is the same for every run of a seeded process (Keras seeds Python's `random`, which MLflow draws from)."""
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
+    if experiment:
+        return experiment
+    commit = _git("rev-parse", "--short=7", "HEAD") or "nogit"
+    return f"{stage}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def source_tags(params: Params) -> dict[str, str]:
@@ -207,6 +217,25 @@ def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | N
     _end_run(mlflow, "FINISHED")
 
 
+def get_run(run_id: str):
+    """The run with this id, or None when the store does not know it (or it was deleted)."""
+    mlflow = _mlflow()
+    try:
+        found = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return None if found.info.lifecycle_stage == "deleted" else found
+
+
+def search_runs(experiment: str, filter_string: str) -> list:
+    """Runs of `experiment` matching an MLflow search filter, newest first."""
+    mlflow = _mlflow()
+    return mlflow.MlflowClient().search_runs([ensure_experiment(experiment)], filter_string,
+                                             order_by=["attributes.start_time DESC"])
+
+
 def _end_run(mlflow, status: str) -> None:
     if _session.offline:
         return  # the store failed during the stage; there is nothing to end
@@ -214,18 +243,6 @@ def _end_run(mlflow, status: str) -> None:
         mlflow.end_run(status)
     except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
         _go_offline(error)
-
-
-@contextlib.contextmanager
-def training_run(cfg: TrackingParams, run_reference: str | Path) -> Iterator:
-    """Reopen the run that train recorded in `run_reference`; offline when training ran without MLflow."""
-    run_id = read_run_id(run_reference)
-    if run_id is None:
-        disable(f"{run_reference}: training ran without MLflow; these results stay in the DVC files")
-        yield None
-        return
-    with active_run(cfg, run_id) as run:
-        yield run
 
 
 def _log(action) -> None:
@@ -242,23 +259,45 @@ def log_params(params: Params) -> None:
     _log(lambda mlflow: mlflow.log_params(flatten(params)))
 
 
-def log_history(history: list[dict]) -> None:
-    """Earlier epochs' metrics (rows with an "epoch"), each at its epoch as step, in batched calls."""
+def log_missing_epochs(history: list[dict]) -> None:
+    """The epochs of `history` (rows with an "epoch") that the active run does not hold yet, each at its epoch as
+    step, in one batched call: the epochs trained while MLflow was away, or between a checkpoint and a kill."""
     def log(mlflow) -> None:
         from mlflow.entities import Metric
 
+        client = mlflow.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        logged = {metric.step for metric in client.get_metric_history(run_id, "train_loss")}
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(row["epoch"]))
-                   for row in history for key, value in row.items() if key != "epoch"]
-        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+        metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in history
+                   if int(row["epoch"]) not in logged for key, value in row.items() if key != "epoch"]
+        if metrics:
+            client.log_batch(run_id, metrics=metrics)
 
     if history:
         _log(log)
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """All of them in one batched call."""
-    _log(lambda mlflow: mlflow.log_metrics(metrics, step=step))
+def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None,
+                once: bool = False) -> None:
+    """All of them, and `tags`, in one batched call (one transaction): a kill leaves all or none of them.
+    `once`: leave out the metrics that the run already holds (a repeated stage logs no second point)."""
+    def log(mlflow) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        client = mlflow.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        held = client.get_run(run_id).data.metrics if once else {}
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0)
+                                          for key, value in metrics.items() if key not in held],
+                         tags=[RunTag(key, value) for key, value in (tags or {}).items()])
+
+    _log(log)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    _log(lambda mlflow: mlflow.set_tags(tags))
 
 
 def log_artifacts(paths: list[Path], folder: str) -> None:
@@ -269,16 +308,38 @@ def log_artifacts(paths: list[Path], folder: str) -> None:
     _log(log)
 
 
+def logged_models(run_id: str) -> list:
+    """The complete (READY) models that a run logged, newest first."""
+    mlflow = _mlflow()
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return [model for model in found if str(model.status).endswith("READY")]
+
+
+def training_model_uri(run_id: str) -> str | None:
+    """`models:/<model id>` of the model that a training run logged, if it did."""
+    found = logged_models(run_id)
+    return found[0].model_uri if found else None
+
+
 def log_model(model, example_input, example_output) -> None:
-    """The model as an MLflow Keras model with its signature (loading it needs `cvae_pipeline` importable)."""
+    """The model as an MLflow Keras model with its signature (loading it needs `cvae_pipeline` importable), once:
+    a training resumed after its model was logged does not log a second one."""
     from importlib.metadata import version
 
-    import mlflow.keras
-    from mlflow.models import infer_signature
+    def log(mlflow) -> None:
+        import mlflow.keras
+        from mlflow.models import infer_signature
 
-    signature = infer_signature(example_input, example_output)
-    requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
-    _log(lambda _: mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements))
+        if logged_models(mlflow.active_run().info.run_id):
+            return
+        signature = infer_signature(example_input, example_output)
+        requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
+        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+    _log(log)
 
 
 def write_run_reference(path: str | Path, run) -> None:
@@ -288,9 +349,15 @@ def write_run_reference(path: str | Path, run) -> None:
 
 
 def read_run_id(path: str | Path) -> str | None:
+    """The run id that train recorded (None: it ran without MLflow); a missing or damaged file is one clear error."""
     try:
-        return json.loads(Path(path).read_text())["run_id"]
+        run_id = json.loads(Path(path).read_text(encoding="utf-8"))["run_id"]
     except FileNotFoundError:
         raise UserInputError(f"{path}: no MLflow run reference; run `dvc repro train` first") from None
-    except (ValueError, KeyError) as error:
-        raise UserInputError(f"{path}: not an MLflow run reference ({error!r})") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"{path}: damaged MLflow run reference ({type(error).__name__}: {error}); "
+                             "run `dvc repro train` to write it again") from None
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
+        raise UserInputError(f"{path}: damaged MLflow run reference (run_id {run_id!r} is not a run id); "
+                             "run `dvc repro train` to write it again")
+    return run_id

@@ -1,7 +1,8 @@
 """Training the CVAE: a seeded tf.data pipeline, a compiled step, per-epoch test metrics and resumable checkpoints.
 
 `Trainer` owns the model, the optimizer and the noise generator; `train_and_track` is the train stage: it resumes
-from the checkpoint when there is one, logs everything to one MLflow run and writes the stage's outputs.
+the checkpoint of an interrupted training of the same params, data and code, else trains from epoch 1 in a new MLflow
+run, logs every epoch once, writes the stage's outputs, and marks the checkpoint finished.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cvae_pipeline import checkpoints, tracking
+from cvae_pipeline import checkpoints, records, sources, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
@@ -47,8 +48,9 @@ def describe_device() -> str:
 
 
 class Trainer:
-    def __init__(self, params: Params, data: PreparedData):
+    def __init__(self, params: Params, data: PreparedData, script: Path | None = None):
         self.params = params
+        self.script = script or Path(__file__)  # the entry point whose code (and the modules it imports) trains
         cfg = params.train
         self.strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede other TF work
         self.is_chief = is_chief(self.strategy)
@@ -97,7 +99,8 @@ class Trainer:
         settings.pop("tracking")
         # How the work is spread is not what is trained: a run may resume under another strategy (on other devices).
         settings["train"].pop("strategy")
-        return checkpoints.fingerprint(settings, self.train_images, self.eval_images)
+        return checkpoints.fingerprint(settings, sources.code_digest(self.script), self.train_images,
+                                       self.eval_images)
 
     def _step(self, indices, replica_images):
         """One replica's share of an optimizer step: its images by index, and its part of the global mean loss."""
@@ -173,19 +176,34 @@ class Trainer:
         return np.round(keras.ops.convert_to_numpy(probabilities)[..., 0] * 255).astype(np.uint8)
 
     def save_checkpoint(self, path: Path, state: TrainingState) -> None:
-        checkpoints.save(path, self.fingerprint, state, self.model.get_weights(),
-                         [v.numpy() for v in self.optimizer.variables], self.generator.state.numpy())
+        current = self._snapshot()
+        checkpoints.save(path, self.fingerprint, state, current.model_weights, current.optimizer_variables,
+                         current.generator_state)
 
     def restore_checkpoint(self, path: Path) -> TrainingState:
         restored = checkpoints.restore(path, self.fingerprint)
+        if restored is not None:
+            initial = self._snapshot()
+            try:
+                self._assign(restored)
+            except (ValueError, TypeError) as error:  # arrays of the wrong number or shape: damaged, though whole
+                log.warning("%s is damaged (%s); ignoring it, training starts afresh at epoch 1", path, error)
+                self._assign(initial)
+                restored = None
         if restored is None:
             return TrainingState(grids=[self.progress_grid()])
+        log.info("resuming after epoch %d from %s", restored.state.epoch, path)
+        return restored.state
+
+    def _snapshot(self) -> checkpoints.Restored:
+        return checkpoints.Restored(TrainingState(), self.model.get_weights(),
+                                    [v.numpy() for v in self.optimizer.variables], self.generator.state.numpy())
+
+    def _assign(self, restored: checkpoints.Restored) -> None:
         self.model.set_weights(restored.model_weights)
         for variable, value in zip(self.optimizer.variables, restored.optimizer_variables, strict=True):
             variable.assign(value)
         self.generator.state.assign(restored.generator_state)
-        log.info("resuming after epoch %d from %s", restored.state.epoch, path)
-        return restored.state
 
     def fit(self, state: TrainingState, checkpoint: Path,
             on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None) -> TrainingState:
@@ -197,10 +215,10 @@ class Trainer:
             log.info("epoch %d/%d: loss %.2f, test ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s, %.0f images/s",
                      epoch, epochs, metrics["train_loss"], metrics["test_elbo"], metrics["test_reconstruction"],
                      metrics["test_kl"], metrics["epoch_seconds"], metrics["images_per_second"])
-            on_epoch(epoch, metrics)
             state = TrainingState(epoch, [*state.history, {"epoch": epoch, **metrics}],
                                   [*state.grids, self.progress_grid()], state.run_id)
             self.save_checkpoint(checkpoint, state)
+            on_epoch(epoch, metrics)  # after the checkpoint: a kill between the two is mended by the next start
         return state
 
 
@@ -235,13 +253,16 @@ def write_outputs(trainer: Trainer, state: TrainingState, final: dict[str, float
     write_json_atomic(outputs.metrics, final)
 
 
-def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -> dict[str, float]:
-    """The train stage: resume or start, one MLflow run throughout, then the declared outputs. Returns final metrics."""
+def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
+                    script: Path | None = None) -> dict[str, float]:
+    """The train stage: resume an interrupted training or start afresh, one MLflow run per training, then the
+    declared outputs, and the checkpoint marked finished. `script`: the stage's entry point (its code is in the
+    checkpoint's fingerprint). Returns the final metrics."""
     tracking.connect(params.tracking)  # a tracking server that does not answer stops the stage before any work
     for path in dataclasses.astuple(outputs):
         remove_leftover_temporaries(path)  # of a run that was killed while writing
     device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
-    trainer = Trainer(params, data)
+    trainer = Trainer(params, data, script)
     state = trainer.restore_checkpoint(outputs.checkpoint)
     # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
     require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
@@ -252,17 +273,18 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs) -
     log.info("training on %s with %s precision, %d replica(s); MLflow store %s", device, params.train.precision,
              trainer.strategy.num_replicas_in_sync, tracking.tracking_uri())
     tags = {**tracking.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
-    with tracking.active_run(params.tracking, state.run_id, tags.get("dvc_experiment"), tags) as run:
-        if state.run_id is None and run is not None:
-            tracking.log_params(params)
-            tracking.log_history(state.history)  # epochs trained while MLflow was away, if any
+    with records.training_run(params, state.run_id, tags) as run:
+        if run is not None:
             state.run_id = run.info.run_id
-        # Each epoch is logged before it is checkpointed, so a resumed run has nothing to log again.
+        # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
+        tracking.log_missing_epochs(state.history)
         state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
         tracking.write_run_reference(outputs.run, run)
-        tracking.log_metrics({f"final_{key}": value for key, value in final.items()})
+        tracking.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
         example = trainer.eval_images[:2].astype(np.float32)
         tracking.log_model(trainer.model, example, keras.ops.convert_to_numpy(trainer.model(example)))
+    # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
+    trainer.save_checkpoint(outputs.checkpoint, dataclasses.replace(state, finished=True))
     return final
