@@ -1,7 +1,7 @@
 # Entry points for users and CI. Every target creates or refreshes .venv/ only when pyproject.toml changed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
-BIN := $(CURDIR)/$(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 # The venv's bin/ first on PATH: dvc.yaml runs `python`, and `dvc queue` workers run `dvc` from PATH.
 export PATH := $(BIN):$(PATH)
@@ -19,8 +19,12 @@ SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
 # Host names clients may reach it by, beyond MLflow's default of localhost and private addresses (e.g. mlflow.internal).
 SERVER_ALLOWED_HOSTS ?=
 COMPARE := reports/compare
+# make sweep: the params to sweep, as `dvc exp run -S` takes them, separated by spaces; J workers (no more than cores).
+S ?=
+J ?= 2
+SWEEP_LOG := .dvc/tmp/sweep.log
 
-.PHONY: repro test lint venv clean-venv ui mlflow-server compare bench
+.PHONY: repro test lint venv clean-venv ui mlflow-server compare sweep bench
 
 venv: $(STAMP)
 
@@ -49,6 +53,16 @@ mlflow-server: $(STAMP)
 
 compare: $(STAMP)
 	python -m cvae_pipeline.comparison --out $(COMPARE)
+
+# A whole sweep: prepare once (workers that each prepared would write the same outputs into DVC's cache at once),
+# queue one experiment per combination, run them on J workers and wait, then compare. Fails if any experiment failed.
+sweep: $(STAMP)
+	@test -n "$(S)" || { echo "make sweep: S names what to sweep, e.g. make sweep S='model.latent_dim=2,10,50' J=2" >&2; exit 2; }
+	dvc repro prepare
+	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
+	dvc exp run --run-all -j $(J) 2>&1 | tee $(SWEEP_LOG)
+	@! grep -q "Failed to reproduce" $(SWEEP_LOG) || { echo "make sweep: some experiments failed; see dvc queue logs <name>" >&2; exit 1; }
+	$(MAKE) --no-print-directory compare
 
 # Minutes: see benchmarks/run.py. BENCH_FLAGS=--quick skips time to quality and the full IWAE.
 bench: $(STAMP)

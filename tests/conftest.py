@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import struct
@@ -169,3 +171,78 @@ def kill_training_once_checkpointed(repo: Path, **env: str) -> None:
     assert process.poll() is None, "training ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def stage_commands(repo: Path) -> dict[str, list[str]]:
+    """Each stage's command exactly as dvc.yaml declares it, its paths filled in."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = pipeline["vars"][0]["paths"]
+    return {name: shlex.split(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], stage["cmd"]))
+            for name, stage in pipeline["stages"].items()}
+
+
+def snapshot(repo: Path) -> dict[str, str]:
+    """Every file of the copy (but .git and params.yaml) with the MD5 of its bytes."""
+    return {str(path.relative_to(repo)): hashlib.md5(path.read_bytes()).hexdigest()
+            for path in sorted(repo.rglob("*"))
+            if path.is_file() and ".git" not in path.parts and path.name != "params.yaml"}
+
+
+def queue_states(repo: Path) -> list[str]:
+    """The Status column of `dvc queue status`, one entry per task."""
+    lines = run(["dvc", "queue", "status"], repo).stdout.splitlines()
+    return [line.split()[-1] for line in lines
+            if line.split() and line.split()[-1] in ("Queued", "Running", "Success", "Failed", "Killed")]
+
+
+def run_queue(repo: Path, tasks: int, jobs: int = 2, timeout: float = 900, **env: str) -> list[str]:
+    """`dvc queue start -j jobs`, then wait until `tasks` tasks have ended; their states."""
+    started = run(["dvc", "queue", "start", "-j", str(jobs)], repo, **env)
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + timeout
+    states = []
+    while time.monotonic() < deadline:
+        states = queue_states(repo)
+        if len(states) == tasks and all(state in ("Success", "Failed") for state in states):
+            break
+        time.sleep(3)
+    run(["dvc", "queue", "stop"], repo)
+    return states
+
+
+def commit_all(repo: Path, message: str) -> str:
+    """`git add -A` and commit in a copy; the new commit's hash."""
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=repo, check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def run_record(run_id: str) -> dict:
+    """Everything MLflow holds of a run, to compare before and after: params, tags, every metric point, artifacts."""
+    client = mlflow.MlflowClient()
+    found = client.get_run(run_id)
+    return {
+        "status": found.info.status,
+        "params": found.data.params,
+        "tags": found.data.tags,
+        "metrics": {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+                    for key in found.data.metrics},
+        "artifacts": sorted(a.path for folder in ("", "figures") for a in client.list_artifacts(run_id, folder)),
+        "models": [m.model_id for m in mlflow.search_logged_models(
+            experiment_ids=[found.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+            output_format="list")],
+    }
+
+
+def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path) -> np.ndarray:
+    """Load a logged model with `mlflow.pyfunc` in a new Python process and predict, as a user's script would. The
+    process imports `cvae_pipeline.model` explicitly: the model's class is the project's, and Keras finds it only
+    once it is imported (see README, MLflow), so a test in this process would pass for the wrong reason."""
+    script = ("import sys\nimport mlflow\nimport numpy as np\nimport cvae_pipeline.model  # noqa: F401\n"
+              "mlflow.set_tracking_uri(sys.argv[1])\n"
+              "np.save(sys.argv[4], mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3])))\n")
+    np.save(folder / "inputs.npy", images)
+    loaded = subprocess.run([sys.executable, "-c", script, tracking_uri, model_uri, str(folder / "inputs.npy"),
+                             str(folder / "outputs.npy")], env=subprocess_env(), capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    return np.load(folder / "outputs.npy")

@@ -8,12 +8,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
 
-import cvae_pipeline.model  # noqa: F401 - registers the CVAE class, which loading the logged model needs
-from conftest import REPO, make_repo_copy, run, setup_copy, subprocess_env
+import cvae_pipeline.model  # noqa: F401 - registers the CVAE class, which loading models/cvae.keras needs
+from conftest import REPO, make_repo_copy, predict_in_fresh_process, run, setup_copy, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +82,10 @@ def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp
     mlflow.set_tracking_uri(server["uri"])
     try:
         (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
-        served = mlflow.pyfunc.load_model(logged.model_uri)
     finally:
         mlflow.set_tracking_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    assert served.predict(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 28, 28, 1)
+    images = np.zeros((2, 28, 28, 1), np.float32)
+    predicted = predict_in_fresh_process(server["uri"], logged.model_uri, images, tmp_path)
+    model = keras.models.load_model(repo / "models/cvae.keras", safe_mode=True)
+    np.testing.assert_allclose(predicted, keras.ops.convert_to_numpy(model(images)), rtol=1e-5, atol=1e-5)

@@ -5,55 +5,64 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from conftest import REPO, make_repo_copy, run, runs_in, setup_copy, subprocess_env, write_fake_mnist
+from conftest import (
+    REPO,
+    commit_all,
+    make_repo_copy,
+    queue_states,
+    run,
+    runs_in,
+    setup_copy,
+    subprocess_env,
+    write_fake_mnist,
+)
 from cvae_pipeline.comparison import write_comparison
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ROUNDS = 3  # the whole sweep, and every test of it, three times in a row: a race shows up as a flaky round
 
-SWEEP = ["-S", "model.latent_dim=2,3", "-S", "train.epochs=1,2", "-S", "tracking.sweep=grid"]  # 4 experiments
+SWEEP = "model.latent_dim=2,3 train.epochs=1,2 tracking.sweep=grid"  # 4 experiments
 QUEUE_TIMEOUT_S = 900
-
-
-def queue_states(repo) -> list[str]:
-    """The Status column of `dvc queue status`, one entry per task."""
-    lines = run(["dvc", "queue", "status"], repo).stdout.splitlines()
-    return [line.split()[-1] for line in lines
-            if line.split() and line.split()[-1] in ("Queued", "Running", "Success", "Failed", "Killed")]
 
 
 @pytest.fixture(scope="module", params=range(1, ROUNDS + 1), ids=lambda n: f"round-{n}")
 def sweep(tmp_path_factory):
-    """A repository copy in which a queued sweep of 4 experiments ran with 2 workers."""
+    """A fresh copy, nothing prepared, in which `make sweep` ran a sweep of 4 experiments on 2 workers."""
     folder = tmp_path_factory.mktemp("sweep")
     repo = make_repo_copy(folder / "repo")
     env = setup_copy(repo, write_fake_mnist(folder), evaluate={"iwae_k": 5, "samples": 1})
-    # As the README says: prepare once, so the workers take its outputs from the cache instead of all writing them.
-    prepared = run(["dvc", "repro", "prepare"], repo, **env)
-    assert prepared.returncode == 0, prepared.stderr
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny"], cwd=repo, check=True)
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-
-    queued = run(["dvc", "exp", "run", "--queue", *SWEEP], repo, **env)
-    assert queued.returncode == 0, queued.stderr
-    started = run(["dvc", "queue", "start", "-j", "2"], repo, **env)
-    assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        states = queue_states(repo)
-        if len(states) == 4 and all(state in ("Success", "Failed") for state in states):
-            break
-        time.sleep(3)
-    run(["dvc", "queue", "stop"], repo)
+    baseline = commit_all(repo, "tiny")
+    venv = Path(sys.prefix)  # this test's environment, in place of the copy's own .venv/
+    made = subprocess.run(["make", "-o", f"{venv}/.installed", "sweep", f"VENV={venv}", f"S={SWEEP}", "J=2"],
+                          cwd=repo, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=QUEUE_TIMEOUT_S)
     names = run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
-    return {"repo": repo, "env": env, "baseline": baseline, "states": states, "names": names}
+    return {"repo": repo, "env": env, "baseline": baseline, "made": made, "states": queue_states(repo),
+            "names": names}
+
+
+def test_make_sweep_prepares_once_runs_every_experiment_and_compares(sweep):
+    made = sweep["made"]
+    assert made.returncode == 0, (made.stdout[-3000:], made.stderr[-3000:])
+    assert sweep["states"] == ["Success"] * 4, run(["dvc", "queue", "status"], sweep["repo"]).stdout
+    assert made.stdout.count("Running stage 'prepare'") == 1  # in the workspace; every experiment reused it
+    compared = (sweep["repo"] / "reports/compare.md").read_text()
+    assert all(name in compared for name in sweep["names"])
+
+
+def test_make_sweep_without_params_says_what_to_give():
+    made = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "sweep"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert made.returncode == 2 and made.stderr.startswith("make sweep: S names what to sweep"), made.stderr
 
 
 def test_every_experiment_runs_and_lands_in_the_main_store_complete(sweep):

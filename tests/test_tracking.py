@@ -32,13 +32,13 @@ def test_params_are_flattened_as_params_yaml_spells_them():
 def test_experiment_tags_name_the_baseline_and_the_sweep(monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "hazy-leaf")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef0123456789abcdef01234567")
-    tags = tracking.source_tags(params_with())
+    tags = records.source_tags(params_with())
     assert tags["dvc_experiment"] == "hazy-leaf"
     assert tags["dvc_baseline"] == "0123456789abcdef0123456789abcdef01234567"
     assert tags["sweep"] == "0123456"  # by default, every experiment of one commit
-    assert tracking.source_tags(params_with(tracking={"sweep": "latent"}))["sweep"] == "latent"
+    assert records.source_tags(params_with(tracking={"sweep": "latent"}))["sweep"] == "latent"
     monkeypatch.delenv("DVC_EXP_BASELINE_REV")
-    assert "sweep" not in tracking.source_tags(params_with())
+    assert "sweep" not in records.source_tags(params_with())
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_mlflow_run_id_from_the_environment_is_ignored(store, monkeypatch):
 
 def test_missing_run_reference_says_what_to_run(tmp_path):
     with pytest.raises(tracking.UserInputError, match="run `dvc repro train` first"):
-        tracking.read_run_id(tmp_path / "absent.json")
+        records.read_run_id(tmp_path / "absent.json")
 
 
 def dead_pid() -> int:
@@ -146,8 +146,8 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
         tracking.log_params(params_with())
         tracking.log_metrics({"loss": 1.0}, step=1)
         tracking.log_artifacts([tmp_path / "absent.png"], "figures")
-    tracking.write_run_reference(tmp_path / "run.json", run)
-    assert tracking.read_run_id(tmp_path / "run.json") is None
+    records.write_run_reference(tmp_path / "run.json", run)
+    assert records.read_run_id(tmp_path / "run.json") is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a store that works, but training ran without it
     monkeypatch.setattr(tracking, "_session", tracking._Session())
     (tmp_path / "history.csv").write_text("epoch,train_loss\n1,100.0\n")

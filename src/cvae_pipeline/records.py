@@ -9,6 +9,9 @@
   DVC experiment, holding every param as used, the training's per-epoch and final metrics (read from train's DVC
   outputs), evaluate's metrics, and tags that link it to the training run (`training_run_id`) and its model.
   The training's run is left exactly as it was. Both stages of one execution find the same follow-up run by its tags.
+
+It also names runs (after the DVC experiment, else `<stage>-<commit>-<time>`), tags them with their source, and reads
+and writes the run reference that train leaves for the later stages.
 """
 
 import contextlib
@@ -16,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +30,72 @@ import pandas as pd
 from cvae_pipeline import tracking
 from cvae_pipeline.config import Params
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
+EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
+BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 PARAMS_DIGEST_TAG = "params_digest"
 TRAINING_RUN_TAG = "training_run_id"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_name(stage: str) -> str:
+    """The DVC experiment's name when DVC runs one, else `<stage>-<commit>-<UTC time>`: never MLflow's random name,
+    which is the same for every run of a seeded process (Keras seeds Python's `random`, which MLflow draws from)."""
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
+    if experiment:
+        return experiment
+    commit = _git("rev-parse", "--short=7", "HEAD") or "nogit"
+    return f"{stage}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def source_tags(params: Params) -> dict[str, str]:
+    """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep."""
+    tags = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
+    if experiment:
+        tags["dvc_experiment"] = experiment
+    baseline = os.environ.get(BASELINE_ENV)
+    if baseline:
+        tags["dvc_baseline"] = baseline
+    # A sweep is what the user names it, else every experiment run from the same commit.
+    sweep = params.tracking.sweep or (baseline[:7] if baseline else None)
+    if sweep:
+        tags["sweep"] = sweep
+    return tags
+
+
+def write_run_reference(path: str | Path, run) -> None:
+    """The run's ids; nulls when the stage ran without MLflow."""
+    write_json_atomic(path, {"run_id": run.info.run_id if run else None,
+                             "experiment_id": run.info.experiment_id if run else None})
+
+
+def read_run_id(path: str | Path) -> str | None:
+    """The run id that train recorded (None: it ran without MLflow); a missing or damaged file is one clear error."""
+    try:
+        run_id = json.loads(Path(path).read_text(encoding="utf-8"))["run_id"]
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: no MLflow run reference; run `dvc repro train` first") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"{path}: damaged MLflow run reference ({type(error).__name__}: {error}); "
+                             "run `dvc repro train` to write it again") from None
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
+        raise UserInputError(f"{path}: damaged MLflow run reference (run_id {run_id!r} is not a run id); "
+                             "run `dvc repro train` to write it again")
+    return run_id
 
 
 def done_tag(stage: str) -> str:
@@ -89,7 +155,7 @@ def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str
             log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run that "
                         "names it (tag resumed_from_run_id), with the epochs before", run_id, why)
             extra["resumed_from_run_id"], run_id = run_id, None
-    with tracking.active_run(cfg, run_id, tracking.run_name("train"), {**tags, **extra}) as run:
+    with tracking.active_run(cfg, run_id, run_name("train"), {**tags, **extra}) as run:
         if run is not None and run_id is None:
             tracking.log_params(params)
         yield run
@@ -99,7 +165,7 @@ def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str
 def stage_run(params: Params, stage: str, upstream: Upstream) -> Iterator:
     """The run that records `stage` of this execution: the training's run, or a follow-up run (module docstring).
     Yields None, logging nothing, when training ran without MLflow or the store is offline."""
-    run_id = tracking.read_run_id(upstream.run_reference)
+    run_id = read_run_id(upstream.run_reference)
     history, final, metrics = upstream.read()  # before any work: a damaged file stops the stage here
     if run_id is None:
         tracking.disable(f"{upstream.run_reference}: training ran without MLflow; these results stay in the DVC files")
@@ -119,17 +185,17 @@ def stage_run(params: Params, stage: str, upstream: Upstream) -> Iterator:
             yield run
         return
     target = _follow_up(cfg.experiment, run_id, digest, stage)
-    tags = {**tracking.source_tags(params), PARAMS_DIGEST_TAG: digest, TRAINING_RUN_TAG: run_id}
-    with tracking.active_run(cfg, target, tracking.run_name(stage), tags) as run:
+    tags = {**source_tags(params), PARAMS_DIGEST_TAG: digest, TRAINING_RUN_TAG: run_id}
+    with tracking.active_run(cfg, target, run_name(stage), tags) as run:
         if run is not None and target is None:
-            _record_upstream(params, run_id, history, final, metrics, stage)
+            _record_upstream(params, training, history, final, metrics, stage)
         yield run
 
 
 def _follow_up(experiment_name: str, training_run_id: str, digest: str, stage: str) -> str | None:
     """This execution's follow-up run if an earlier stage of it made one (same training, params and experiment,
     without this stage's results yet); None: make one."""
-    experiment = os.environ.get(tracking.EXPERIMENT_NAME_ENV)
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
     for run in tracking.search_runs(experiment_name, f"tags.{TRAINING_RUN_TAG} = '{training_run_id}' and "
                                     f"tags.{PARAMS_DIGEST_TAG} = '{digest}' and attributes.status != 'RUNNING'"):
         tags = run.data.tags
@@ -138,8 +204,8 @@ def _follow_up(experiment_name: str, training_run_id: str, digest: str, stage: s
     return None
 
 
-def _record_upstream(params: Params, training_run_id: str, history: pd.DataFrame, final: dict,
-                     metrics: dict | None, stage: str) -> None:
+def _record_upstream(params: Params, training, history: pd.DataFrame, final: dict, metrics: dict | None,
+                     stage: str) -> None:
     """A follow-up run starts as the whole record of what it builds on: params, the training's curves and final
     metrics, evaluate's metrics (when it ran earlier), and a link to the training's logged model."""
     tracking.log_params(params)
@@ -148,6 +214,6 @@ def _record_upstream(params: Params, training_run_id: str, history: pd.DataFrame
     if metrics is not None and stage != "evaluate":
         tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
                              tags={"eval_metrics_from": "the DVC outputs of an earlier evaluate"})
-    model = tracking.training_model_uri(training_run_id)
+    model = training and tracking.training_model_uri(training.info.run_id)  # none when the store lacks the run
     if model:
         tracking.set_tags({"training_model_uri": model})

@@ -1,7 +1,7 @@
 """MLflow: this process's session with the store, opening and ending runs, and what is logged to them.
 
-Which run a stage logs into is `records`' decision; where the store is and whether it answers, `mlflow_store`'s.
-Runs are named so that a person can tell them apart: after the DVC experiment, else after the stage, commit and time.
+Which run a stage logs into, and what a run is named and tagged, is `records`' decision; where the store is and
+whether it answers, `mlflow_store`'s.
 
 Faults: a store that does not answer stops a stage within seconds, before any work (`tracking.required: true`), or
 lets it go on without MLflow (`false`; the DVC files keep every metric). A run whose process died (kill -9, power
@@ -15,20 +15,16 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError, UserInputError
-from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.mlflow_store import URI_ENV, artifact_location, store_lock, tracking_uri, unanswered
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
-BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 HOST = socket.gethostname()
 
 
@@ -58,43 +54,6 @@ def flatten(params: Params) -> dict[str, str]:
 
     walk("", dataclasses.asdict(params))
     return flat
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def run_name(stage: str) -> str:
-    """The DVC experiment's name when DVC runs one, else `<stage>-<commit>-<UTC time>`: never MLflow's random name,
-    which is the same for every run of a seeded process (Keras seeds Python's `random`, which MLflow draws from)."""
-    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
-    if experiment:
-        return experiment
-    commit = _git("rev-parse", "--short=7", "HEAD") or "nogit"
-    return f"{stage}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-
-
-def source_tags(params: Params) -> dict[str, str]:
-    """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep."""
-    tags = {}
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
-    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
-    if experiment:
-        tags["dvc_experiment"] = experiment
-    baseline = os.environ.get(BASELINE_ENV)
-    if baseline:
-        tags["dvc_baseline"] = baseline
-    # A sweep is what the user names it, else every experiment run from the same commit.
-    sweep = params.tracking.sweep or (baseline[:7] if baseline else None)
-    if sweep:
-        tags["sweep"] = sweep
-    return tags
 
 
 def _mlflow():
@@ -340,24 +299,3 @@ def log_model(model, example_input, example_output) -> None:
         mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
 
     _log(log)
-
-
-def write_run_reference(path: str | Path, run) -> None:
-    """The run's ids; nulls when the stage ran without MLflow."""
-    write_json_atomic(path, {"run_id": run.info.run_id if run else None,
-                             "experiment_id": run.info.experiment_id if run else None})
-
-
-def read_run_id(path: str | Path) -> str | None:
-    """The run id that train recorded (None: it ran without MLflow); a missing or damaged file is one clear error."""
-    try:
-        run_id = json.loads(Path(path).read_text(encoding="utf-8"))["run_id"]
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: no MLflow run reference; run `dvc repro train` first") from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{path}: damaged MLflow run reference ({type(error).__name__}: {error}); "
-                             "run `dvc repro train` to write it again") from None
-    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
-        raise UserInputError(f"{path}: damaged MLflow run reference (run_id {run_id!r} is not a run id); "
-                             "run `dvc repro train` to write it again")
-    return run_id

@@ -272,7 +272,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         tracking.disable("this worker is not the chief, which logs the run")
     log.info("training on %s with %s precision, %d replica(s); MLflow store %s", device, params.train.precision,
              trainer.strategy.num_replicas_in_sync, tracking.tracking_uri())
-    tags = {**tracking.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
+    tags = {**records.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
     with records.training_run(params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
@@ -281,7 +281,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
-        tracking.write_run_reference(outputs.run, run)
+        records.write_run_reference(outputs.run, run)
         tracking.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
         example = trainer.eval_images[:2].astype(np.float32)
         tracking.log_model(trainer.model, example, keras.ops.convert_to_numpy(trainer.model(example)))

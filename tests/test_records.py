@@ -1,0 +1,284 @@
+"""Records you can trust, end to end: a rerun really retrains, every execution is its own complete MLflow run, each
+epoch and model is logged once, unknown run ids and damaged files are handled in one line."""
+
+import json
+import re
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import (
+    TINY,
+    commit_all,
+    kill_training_once_checkpointed,
+    run,
+    run_queue,
+    run_record,
+    runs_in,
+    setup_copy,
+    snapshot,
+    stage_commands,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+QUICK = {"evaluate": {"iwae_k": 5, "samples": 1}}
+FIGURES = {f"figures/{name}" for name in ("reconstructions.png", "prior_samples.png", "latent_scatter.png",
+                                           "training_curves.png", "training_progress.gif", "latent_manifold.png")}
+
+
+def steps(run_id: str, key: str = "test_elbo") -> list[int]:
+    """Every point logged for `key`, duplicates included."""
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def models_of(run_id: str) -> list:
+    experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return mlflow.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+                                       output_format="list")
+
+
+def run_named(runs: pd.DataFrame, name: str) -> pd.Series:
+    found = runs[runs["tags.mlflow.runName"] == name]
+    assert len(found) == 1, (name, runs["tags.mlflow.runName"].tolist())
+    return found.iloc[0]
+
+
+# --- 1. a rerun retrains -------------------------------------------------------------------------------------------
+
+def test_a_code_change_a_forced_run_or_a_tracking_only_experiment_trains_from_epoch_1_in_a_new_run(repo_copy,
+                                                                                                   fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist)
+    first = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    commit_all(repo_copy, "trained")
+    original = runs_in(repo_copy).iloc[0]["run_id"]
+    before = run_record(original)
+
+    with open(repo_copy / "src/cvae_pipeline/losses.py", "a") as module:
+        module.write("\n# a change to the code that train runs\n")
+    changed = run(["dvc", "repro", "train"], repo_copy, **env)
+    forced = run(["dvc", "repro", "-f", "train"], repo_copy, **env)
+    commit_all(repo_copy, "code changed")
+    experiment = run(["dvc", "exp", "run", "-S", "tracking.sweep=tracking-only"], repo_copy, **env)
+    for result in (changed, forced, experiment):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming" not in result.stderr
+        assert "train: epoch 1/2" in result.stderr and "of a training that finished" in result.stderr
+
+    runs = runs_in(repo_copy)
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    assert runs["tags.mlflow.runName"].nunique() == 4  # told apart by name in the runs table
+    name = re.search(r"Ran experiment\(s\): (\S+)", experiment.stdout).group(1)
+    assert run_named(runs, name)["params.tracking.sweep"] == "tracking-only"
+    for run_id in runs["run_id"]:
+        assert steps(run_id) == [1, 2] and steps(run_id, "final_test_elbo") == [0]
+        assert len(models_of(run_id)) == 1
+    assert run_record(original) == before  # the first training's run is left exactly as it was
+
+
+def test_every_training_outside_an_experiment_gets_a_name_of_its_own(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist)
+    for _ in range(2):
+        assert run(["dvc", "repro", "-f", "train"], repo_copy, **env).returncode == 0
+    names = runs_in(repo_copy)["tags.mlflow.runName"].tolist()
+    assert len(set(names)) == 2 and all(re.fullmatch(r"train-[0-9a-f]{7}-\d{8}-\d{6}", n) for n in names), names
+
+
+# --- 2. every execution is a complete run ----------------------------------------------------------------------------
+
+def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_their_own(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist, **QUICK)
+    assert run(["dvc", "repro"], repo_copy, **env).returncode == 0
+    commit_all(repo_copy, "baseline")
+    baseline = runs_in(repo_copy).iloc[0]
+    before = run_record(baseline["run_id"])
+
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "evaluate.iwae_k=7,9"], repo_copy, **env)
+    assert queued.returncode == 0, queued.stderr
+    assert run_queue(repo_copy, tasks=2, jobs=2, **env) == ["Success"] * 2  # the two race on nothing
+    visual = run(["dvc", "exp", "run", "-S", "visualize.examples=5"], repo_copy, **env)
+    assert visual.returncode == 0, visual.stderr[-3000:]
+    assert "Running stage 'train'" not in visual.stdout
+
+    assert run_record(baseline["run_id"]) == before  # left exactly as it was
+    names = run(["dvc", "exp", "list", "--name-only"], repo_copy).stdout.split()
+    runs = runs_in(repo_copy)
+    assert len(names) == 3 and len(runs) == 4
+    client = mlflow.MlflowClient()
+    for name in names:
+        found = run_named(runs, name)
+        assert found["status"] == "FINISHED" and found["tags.dvc_experiment"] == name
+        assert found["tags.training_run_id"] == baseline["run_id"]
+        assert found["tags.training_model_uri"] == models_of(baseline["run_id"])[0].model_uri
+        # every param as used, the training's curves and final metrics, evaluation metrics and figures
+        assert {key for key in found.index if key.startswith("params.")} == {
+            key for key in baseline.index if key.startswith("params.")}
+        assert steps(found["run_id"]) == [1, 2] and steps(found["run_id"], "train_loss") == [1, 2]
+        assert found["metrics.final_test_elbo"] == baseline["metrics.final_test_elbo"]
+        assert {a.path for a in client.list_artifacts(found["run_id"], "figures")} == FIGURES
+        assert len(models_of(found["run_id"])) == 0  # linked, not copied
+        for key in ("eval_elbo", "eval_iwae", "eval_iwae_k"):
+            assert steps(found["run_id"], key) == [0]
+        iwae_k = int(found["params.evaluate.iwae_k"])
+        assert found["metrics.eval_iwae_k"] == iwae_k
+    by_value = {int(run_named(runs, name)["params.evaluate.iwae_k"]) for name in names}
+    assert by_value == {5, 7, 9}
+    visual_run = runs[runs["params.visualize.examples"] == "5"].iloc[0]
+    assert visual_run["metrics.eval_elbo"] == baseline["metrics.eval_elbo"]  # evaluate did not run: its metrics
+
+
+# --- 3. one point per epoch, one model per training, across kills -------------------------------------------------
+
+class Killed(BaseException):
+    """Stands for a kill -9 at one point of the train stage."""
+
+
+def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_one_model(small_data, tmp_path,
+                                                                                         monkeypatch):
+    from conftest import params_with
+    from cvae_pipeline import tracking
+    from cvae_pipeline.training import Trainer, TrainOutputs, train_and_track
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "_session", tracking._Session())
+    params = params_with(model={"latent_dim": 2}, train={**TINY["train"], "epochs": 3, "batch_size": 64})
+    outputs = TrainOutputs(*(tmp_path / name for name in ("m.keras", "h.csv", "t.json", "p.npz", "r.json", "c.npz")))
+
+    def kill(owner, name, before: bool, when) -> None:
+        original = getattr(owner, name)
+
+        def killed(*args, **kwargs):
+            if before and when(*args, **kwargs):
+                raise Killed
+            result = original(*args, **kwargs)
+            if not before and when(*args, **kwargs):
+                raise Killed
+            return result
+
+        with monkeypatch.context() as patch, pytest.raises(Killed):
+            patch.setattr(owner, name, killed)
+            train_and_track(params, small_data, outputs)
+
+    kill(tracking, "log_metrics", True, lambda metrics, step=None, **_: step == 2)  # epoch 2 saved, not logged
+    kill(tracking, "log_metrics", False, lambda metrics, step=None, **_: "final_epochs" in metrics)
+    kill(Trainer, "save_checkpoint", True, lambda self, path, state: state.finished)  # the model is logged
+    train_and_track(params, small_data, outputs)
+
+    runs = mlflow.search_runs(experiment_names=[params.tracking.experiment])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run_id = runs.iloc[0]["run_id"]
+    for key in ("test_elbo", "train_loss", "epoch_seconds"):
+        assert steps(run_id, key) == [1, 2, 3], key
+    assert steps(run_id, "final_test_elbo") == [0]
+    assert len(models_of(run_id)) == 1
+    with np.load(outputs.checkpoint) as saved:
+        assert bool(saved["finished"]) and int(saved["epoch"]) == 3
+
+
+# --- 4. a run id the store does not know ---------------------------------------------------------------------------
+
+def test_outputs_from_another_store_are_recorded_in_a_new_run_that_names_the_original(repo_copy, fake_mnist, tmp_path):
+    env = setup_copy(repo_copy, fake_mnist, **QUICK)
+    assert run(["dvc", "repro"], repo_copy, **env).returncode == 0
+    original = json.loads((repo_copy / "models/mlflow_run.json").read_text())["run_id"]
+    other = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}  # a teammate's, or a new one
+    said = ""
+    for stage in ("evaluate", "visualize"):
+        result = run(["dvc", "repro", "-s", "-f", stage], repo_copy, **other)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        said += result.stderr
+    assert said.count(f"names MLflow run {original}, which the store") == 2  # one line from each stage
+    mlflow.set_tracking_uri(other["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["cvae-mnist"])
+    assert len(runs) == 1  # evaluate made it, visualize found it
+    found = runs.iloc[0]
+    assert found["tags.training_run_id"] == original and found["status"] == "FINISHED"
+    assert steps(found["run_id"]) == [1, 2] and steps(found["run_id"], "eval_elbo") == [0]
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(found["run_id"], "figures")} == FIGURES
+
+
+def test_a_training_resumed_against_another_store_continues_in_a_new_run_that_names_the_first(repo_copy, fake_mnist,
+                                                                                            tmp_path):
+    env = setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 30})
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+    kill_training_once_checkpointed(repo_copy, **env)
+    first = runs_in(repo_copy).iloc[0]["run_id"]
+    epoch = int(np.load(repo_copy / "models/checkpoint.npz")["epoch"])
+    other = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
+    resumed = run(["dvc", "repro", "train"], repo_copy, **other)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {epoch}" in resumed.stderr
+    assert f"the checkpoint's MLflow run {first} is not in the store" in resumed.stderr
+    mlflow.set_tracking_uri(other["MLFLOW_TRACKING_URI"])
+    found = mlflow.search_runs(experiment_names=["cvae-mnist"]).iloc[0]
+    assert found["tags.resumed_from_run_id"] == first
+    assert steps(found["run_id"]) == list(range(1, 31))  # the epochs before the switch too, each once
+
+
+# --- 5. damaged files ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline_done(tmp_path_factory):
+    """A copy in which the whole tiny pipeline ran once."""
+    from conftest import make_repo_copy, write_fake_mnist
+
+    folder = tmp_path_factory.mktemp("damaged")
+    repo = make_repo_copy(folder / "repo")
+    env = setup_copy(repo, write_fake_mnist(folder), **QUICK)
+    result = run(["dvc", "repro"], repo, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return repo, env
+
+
+def other_shape(path):
+    with open(path, "wb") as handle:
+        np.savez(handle, grids=np.zeros((3, 4), np.uint8), epochs=np.arange(3))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+DAMAGED = {  # file, how it is damaged, the stage that reads it, what its one line says
+    "prepared data": ("data/prepared/mnist.npz", truncate, "train", "damaged prepared data"),
+    "progress grids": ("models/progress_grids.npz", truncate, "visualize", "damaged progress grids"),
+    "progress grids of another shape": ("models/progress_grids.npz", other_shape, "visualize",
+                                        "damaged progress grids"),
+    "run reference": ("models/mlflow_run.json", truncate, "evaluate", "damaged MLflow run reference"),
+    "run reference with a bad id": ("models/mlflow_run.json", lambda p: p.write_text('{"run_id": "../x"}'),
+                                    "visualize", "damaged MLflow run reference"),
+    "training history": ("reports/train_history.csv", lambda p: p.write_bytes(b"\x00\xff"), "evaluate", "damaged"),
+    "model": ("models/cvae.keras", truncate, "evaluate", "not a model this pipeline can load"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_file_stops_its_reader_in_one_line_and_nothing_is_written(pipeline_done, case):
+    repo, env = pipeline_done
+    relative, damage, stage, message = DAMAGED[case]
+    path = repo / relative
+    intact = path.read_bytes()
+    damage(path)
+    before, runs_before = snapshot(repo), len(runs_in(repo))
+    try:
+        result = run(stage_commands(repo)[stage], repo, **env)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(relative) and message in last and "run `dvc repro" in last, last
+        assert snapshot(repo) == before and len(runs_in(repo)) == runs_before
+    finally:
+        path.write_bytes(intact)
+
+
+def test_a_damaged_checkpoint_is_ignored_with_a_warning_and_training_starts_afresh(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 30})
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+    kill_training_once_checkpointed(repo_copy, **env)
+    truncate(repo_copy / "models/checkpoint.npz")
+    result = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "models/checkpoint.npz is damaged" in result.stderr and "starts afresh at epoch 1" in result.stderr
+    assert "resuming" not in result.stderr
+    assert pd.read_csv(repo_copy / "reports/train_history.csv")["epoch"].tolist() == list(range(1, 31))
