@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run, runs_in, setup_copy
+from conftest import run, runs_in, setup_copy, stage_commands
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +88,10 @@ def test_evaluate_and_visualize_fail_clearly_without_a_model(repo_copy, fake_mni
     (repo_copy / "models/mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32, "experiment_id": "1"}))
     metrics = repo_copy / "reports/metrics.json"
     metrics_before = metrics.read_bytes() if metrics.exists() else None
-    common = ["--prepared", "data/prepared/mnist.npz", "--model", "models/cvae.keras", "--run",
-              "models/mlflow_run.json"]
-    evaluate = run(["python", "stages/evaluate.py", *common, "--metrics", "reports/metrics.json"], repo_copy)
-    assert evaluate.returncode == 1
-    assert evaluate.stderr.strip().splitlines()[-1] == (
-        "models/cvae.keras: no trained model; run `dvc repro train` first")
-    visualize = run(["python", "stages/visualize.py", *common, "--history", "reports/train_history.csv",
-                     "--progress", "models/progress_grids.npz", "--figures", "reports/figures"], repo_copy)
-    assert visualize.returncode == 1
-    assert visualize.stderr.strip().splitlines()[-1] == (
-        "models/cvae.keras: no trained model; run `dvc repro train` first")
+    commands = stage_commands(repo_copy)
+    for stage in ("evaluate", "visualize"):
+        result = run(commands[stage], repo_copy)
+        assert result.returncode == 1, (stage, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1] == (
+            "models/cvae.keras: no trained model; run `dvc repro train` first")
     assert (metrics.read_bytes() if metrics.exists() else None) == metrics_before

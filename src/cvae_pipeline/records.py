@@ -148,13 +148,17 @@ def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str
     cfg, run_id, digest = params.tracking, resumed_run_id, params_digest(params)
     extra = {PARAMS_DIGEST_TAG: digest}
     if run_id and tracking.connect(cfg):
-        earlier = tracking.get_run(run_id)
-        if earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest:
-            why = ("is not in the store " + tracking.tracking_uri() if earlier is None
-                   else "was logged with other params (tracking.* or train.strategy changed)")
-            log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run that "
-                        "names it (tag resumed_from_run_id), with the epochs before", run_id, why)
-            extra["resumed_from_run_id"], run_id = run_id, None
+        try:
+            earlier = tracking.get_run(run_id)
+        except Exception as error:  # any store failure: fatal only when tracking is required, else offline
+            tracking.store_failed(error)
+        else:
+            if earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest:
+                why = ("is not in the store " + tracking.tracking_uri() if earlier is None
+                       else "was logged with other params (tracking.* or train.strategy changed)")
+                log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run "
+                            "that names it (tag resumed_from_run_id), with the epochs before", run_id, why)
+                extra["resumed_from_run_id"], run_id = run_id, None
     with tracking.active_run(cfg, run_id, run_name("train"), {**tags, **extra}) as run:
         if run is not None and run_id is None:
             tracking.log_params(params)
@@ -169,27 +173,40 @@ def stage_run(params: Params, stage: str, upstream: Upstream) -> Iterator:
     history, final, metrics = upstream.read()  # before any work: a damaged file stops the stage here
     if run_id is None:
         tracking.disable(f"{upstream.run_reference}: training ran without MLflow; these results stay in the DVC files")
+    plan = _plan(params, stage, run_id, upstream.run_reference) if run_id else None
+    if plan is None:
         yield None
         return
-    cfg, digest = params.tracking, params_digest(params)
-    if not tracking.connect(cfg):
-        yield None
-        return
-    training = tracking.get_run(run_id)
-    if training is None:
-        log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another "
-                    "store); recording %s in a new run that names it (tag %s)", upstream.run_reference, run_id,
-                    tracking.tracking_uri(), stage, TRAINING_RUN_TAG)
-    elif training.data.tags.get(PARAMS_DIGEST_TAG) == digest and done_tag(stage) not in training.data.tags:
-        with tracking.active_run(cfg, run_id) as run:
+    target, training = plan
+    if target == run_id:
+        with tracking.active_run(params.tracking, run_id) as run:
             yield run
         return
-    target = _follow_up(cfg.experiment, run_id, digest, stage)
-    tags = {**source_tags(params), PARAMS_DIGEST_TAG: digest, TRAINING_RUN_TAG: run_id}
-    with tracking.active_run(cfg, target, run_name(stage), tags) as run:
+    tags = {**source_tags(params), PARAMS_DIGEST_TAG: params_digest(params), TRAINING_RUN_TAG: run_id}
+    with tracking.active_run(params.tracking, target, run_name(stage), tags) as run:
         if run is not None and target is None:
             _record_upstream(params, training, history, final, metrics, stage)
         yield run
+
+
+def _plan(params: Params, stage: str, run_id: str, reference: Path) -> tuple[str | None, object] | None:
+    """(the run to reopen: the training's `run_id`, a follow-up's, or None for a new follow-up; the training run, if
+    the store knows it). None when the store is offline."""
+    if not tracking.connect(params.tracking):
+        return None
+    digest = params_digest(params)
+    try:
+        training = tracking.get_run(run_id)
+        if training is None:
+            log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another "
+                        "store); recording %s in a new run that names it (tag %s)", reference, run_id,
+                        tracking.tracking_uri(), stage, TRAINING_RUN_TAG)
+        elif training.data.tags.get(PARAMS_DIGEST_TAG) == digest and done_tag(stage) not in training.data.tags:
+            return run_id, training
+        return _follow_up(params.tracking.experiment, run_id, digest, stage), training
+    except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
+        tracking.store_failed(error)
+        return None
 
 
 def _follow_up(experiment_name: str, training_run_id: str, digest: str, stage: str) -> str | None:

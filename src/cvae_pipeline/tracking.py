@@ -87,8 +87,8 @@ def disable(reason: str) -> None:
     _session.checked, _session.offline = tracking_uri(), True
 
 
-def _go_offline(error: Exception) -> None:
-    """A store that failed during a stage: fatal when required, else the rest of the stage runs without it."""
+def store_failed(error: Exception) -> None:
+    """A store that failed during a stage: re-raised when required, else the rest of the stage runs without it."""
     if _session.required:
         raise error
     log.warning("MLflow failed (%s); going on without it (tracking.required is false)", error)
@@ -162,7 +162,7 @@ def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | N
     except UserInputError:
         raise
     except Exception as error:  # the store failed while opening the run: fatal only when tracking is required
-        _go_offline(error)
+        store_failed(error)
         yield None
         return
     try:
@@ -201,7 +201,7 @@ def _end_run(mlflow, status: str) -> None:
     try:
         mlflow.end_run(status)
     except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
-        _go_offline(error)
+        store_failed(error)
 
 
 def _log(action) -> None:
@@ -211,7 +211,7 @@ def _log(action) -> None:
     try:
         action(_mlflow())
     except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
-        _go_offline(error)
+        store_failed(error)
 
 
 def log_params(params: Params) -> None:
