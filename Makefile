@@ -1,4 +1,6 @@
 # Entry points for users and CI. Every target creates or refreshes .venv/ only when pyproject.toml changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -61,7 +63,7 @@ sweep: $(STAMP)
 	dvc repro prepare
 	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
 	dvc exp run --run-all -j $(J) 2>&1 | tee $(SWEEP_LOG)
-	@! grep -q "Failed to reproduce" $(SWEEP_LOG) || { echo "make sweep: some experiments failed; see dvc queue logs <name>" >&2; exit 1; }
+	@! grep "Failed to reproduce" $(SWEEP_LOG) || { echo "make sweep: see why with dvc queue logs <name>" >&2; exit 1; }
 	$(MAKE) --no-print-directory compare
 
 # Minutes: see benchmarks/run.py. BENCH_FLAGS=--quick skips time to quality and the full IWAE.

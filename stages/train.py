@@ -1,7 +1,11 @@
 """train stage: train the CVAE (resuming an interrupted run), log it to MLflow, write the model and its metrics."""
 
 import os
+import sys
 from pathlib import Path
+
+# This checkout's code, not whichever copy is installed: a DVC experiment runs in its own copy of the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params

@@ -1,12 +1,16 @@
 """visualize stage: reconstructions, prior samples, latent space, training curves and the training animation."""
 
 import os
+import sys
 from pathlib import Path
+
+# This checkout's code, not whichever copy is installed: a DVC experiment runs in its own copy of the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.records import Upstream
+from cvae_pipeline.upstream import Upstream
 
 
 def main() -> None:

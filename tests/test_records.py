@@ -62,10 +62,11 @@ def test_a_code_change_a_forced_run_or_a_tracking_only_experiment_trains_from_ep
     forced = run(["dvc", "repro", "-f", "train"], repo_copy, **env)
     commit_all(repo_copy, "code changed")
     experiment = run(["dvc", "exp", "run", "-S", "tracking.sweep=tracking-only"], repo_copy, **env)
-    for result in (changed, forced, experiment):
+    for result, why in ((changed, "is from other params, data or code"), (forced, "of a training that finished"),
+                        (experiment, "of a training that finished")):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "resuming" not in result.stderr
-        assert "train: epoch 1/2" in result.stderr and "of a training that finished" in result.stderr
+        assert "train: epoch 1/2" in result.stderr and why in result.stderr
 
     runs = runs_in(repo_copy)
     assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
@@ -76,6 +77,21 @@ def test_a_code_change_a_forced_run_or_a_tracking_only_experiment_trains_from_ep
         assert steps(run_id) == [1, 2] and steps(run_id, "final_test_elbo") == [0]
         assert len(models_of(run_id)) == 1
     assert run_record(original) == before  # the first training's run is left exactly as it was
+
+
+def test_an_interrupted_training_whose_code_changed_starts_afresh_in_a_new_run(repo_copy, fake_mnist):
+    env = setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 30})
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+    kill_training_once_checkpointed(repo_copy, **env)
+    assert int(np.load(repo_copy / "models/checkpoint.npz")["epoch"]) >= 1
+    with open(repo_copy / "src/cvae_pipeline/mlflow_store.py", "a") as module:  # imported by train through others
+        module.write("\n# a change to the code that train runs\n")
+    result = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" not in result.stderr and "is from other params, data or code" in result.stderr
+    runs = runs_in(repo_copy)
+    assert len(runs) == 2 and set(runs["status"]) == {"KILLED", "FINISHED"}
+    assert steps(runs[runs["status"] == "FINISHED"].iloc[0]["run_id"]) == list(range(1, 31))
 
 
 def test_every_training_outside_an_experiment_gets_a_name_of_its_own(repo_copy, fake_mnist):
@@ -127,6 +143,19 @@ def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_
     assert by_value == {5, 7, 9}
     visual_run = runs[runs["params.visualize.examples"] == "5"].iloc[0]
     assert visual_run["metrics.eval_elbo"] == baseline["metrics.eval_elbo"]  # evaluate did not run: its metrics
+
+    # Later executions in the workspace that reuse the training: each its own run, never one of the runs before.
+    records_before = {run_id: run_record(run_id) for run_id in runs["run_id"]}
+    for module in ("figures.py", "evaluation.py"):  # visualize alone, then evaluate (and visualize)
+        with open(repo_copy / "src/cvae_pipeline" / module, "a") as changed:
+            changed.write("\n# a change\n")
+        assert run(["dvc", "repro"], repo_copy, **env).returncode == 0
+    runs = runs_in(repo_copy)
+    assert len(runs) == 6 and {run_id: run_record(run_id) for run_id in records_before} == records_before
+    for run_id in runs["run_id"]:
+        for key in ("eval_elbo", "final_test_elbo"):
+            assert steps(run_id, key) == [0], (run_id, key)
+        assert steps(run_id) == [1, 2]
 
 
 # --- 3. one point per epoch, one model per training, across kills -------------------------------------------------
@@ -237,6 +266,19 @@ def other_shape(path):
         np.savez(handle, grids=np.zeros((3, 4), np.uint8), epochs=np.arange(3))
 
 
+def flip_bytes(path):
+    """Corrupt the middle of the file (a compressed .npz: its deflate stream or its checksum)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(255 - byte for byte in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def word_for_a_number(path):
+    header, first, *rest = path.read_text().splitlines()
+    path.write_text("\n".join([header, first.replace(",", ",nan-ish ", 1), *rest]) + "\n")
+
+
 def truncate(path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
@@ -249,7 +291,11 @@ DAMAGED = {  # file, how it is damaged, the stage that reads it, what its one li
     "run reference": ("models/mlflow_run.json", truncate, "evaluate", "damaged MLflow run reference"),
     "run reference with a bad id": ("models/mlflow_run.json", lambda p: p.write_text('{"run_id": "../x"}'),
                                     "visualize", "damaged MLflow run reference"),
+    "progress grids with flipped bytes": ("models/progress_grids.npz", flip_bytes, "visualize",
+                                          "damaged progress grids"),
     "training history": ("reports/train_history.csv", lambda p: p.write_bytes(b"\x00\xff"), "evaluate", "damaged"),
+    "training history with a word for a number": ("reports/train_history.csv", word_for_a_number, "visualize",
+                                                  "damaged"),
     "model": ("models/cvae.keras", truncate, "evaluate", "not a model this pipeline can load"),
 }
 

@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO, params_with
 from cvae_pipeline import records, tracking
 from cvae_pipeline.config import TrackingParams
+from cvae_pipeline.upstream import Upstream
 
 CFG = TrackingParams(experiment="e", sweep=None, required=True)
 
@@ -150,9 +151,9 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
     assert records.read_run_id(tmp_path / "run.json") is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a store that works, but training ran without it
     monkeypatch.setattr(tracking, "_session", tracking._Session())
-    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,100.0\n")
+    (tmp_path / "history.csv").write_text("epoch,train_loss,test_elbo,test_reconstruction,test_kl\n1,100,-99,90,9\n")
     (tmp_path / "train.json").write_text('{"epochs": 1}')
-    upstream = records.Upstream(tmp_path / "run.json", tmp_path / "history.csv", tmp_path / "train.json")
+    upstream = Upstream(tmp_path / "run.json", tmp_path / "history.csv", tmp_path / "train.json")
     with records.stage_run(params_with(), "evaluate", upstream) as reopened:
         tracking.log_metrics({"eval_elbo": -80.0})
     assert reopened is None and not list(tmp_path.glob("mlflow.db"))

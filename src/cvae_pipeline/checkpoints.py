@@ -11,13 +11,12 @@ A damaged file is never fatal: it is ignored with a warning.
 import hashlib
 import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cvae_pipeline.fileio import atomic_path
+from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def restore(path: str | Path, key: str) -> Restored | None:
                 [archive[name] for name in names if name.startswith("optimizer_")],
                 archive["generator_state"],
             )
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+    except DAMAGED_FILE_ERRORS as error:
         # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
         log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", path,
                     type(error).__name__, error)

@@ -14,7 +14,6 @@ import os
 import struct
 import urllib.error
 import urllib.request
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cvae_pipeline.errors import DataError
-from cvae_pipeline.fileio import atomic_path, write_bytes_atomic
+from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +250,7 @@ def load_prepared(path: str | Path) -> PreparedData:
                 splits[split] = Split(images, archive[f"{split}_labels"])
     except FileNotFoundError:
         raise DataError(f"{path}: prepared data not found; run `dvc repro prepare` first") from None
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except DAMAGED_FILE_ERRORS as error:
         raise DataError(f"{path}: damaged prepared data ({type(error).__name__}: {error}); "
                         "run `dvc repro -f prepare` to prepare it again") from None
     return PreparedData(**splits)

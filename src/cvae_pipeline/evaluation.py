@@ -25,6 +25,7 @@ from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.inference import BATCH, as_inputs, load_trained
 from cvae_pipeline.losses import analytic_kl, log_normal_pdf, reconstruction_nll
 from cvae_pipeline.model import CVAE
+from cvae_pipeline.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
     return int(np.sum(np.var(posterior_means.astype(np.float64), axis=0) > threshold))
 
 
-def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, upstream: records.Upstream,
+def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, upstream: Upstream,
                        metrics_path: Path) -> dict[str, float]:
     """The evaluate stage: score the trained model, write the metrics file, log them to this execution's MLflow run
     (`records.stage_run`: the training's run, or a follow-up run of its own)."""
@@ -128,7 +129,5 @@ def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
         write_json_atomic(metrics_path, metrics)
-        # With the tag that says the run holds them, in one call: a repeated evaluate never logs a second point.
-        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
-                             tags={records.done_tag("evaluate"): "done"})
+        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()})
     return metrics

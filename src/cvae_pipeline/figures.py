@@ -5,7 +5,6 @@ randomness, so the same inputs give the same files.
 """
 
 import statistics
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,10 @@ from cvae_pipeline import records, tracking
 from cvae_pipeline.config import Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
-from cvae_pipeline.fileio import atomic_path
+from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
 from cvae_pipeline.inference import decode_probabilities, load_trained, posterior
 from cvae_pipeline.model import CVAE
+from cvae_pipeline.upstream import Upstream
 
 DPI = 100
 PNG_METADATA = {"Software": None}  # no version string: identical inputs give identical bytes
@@ -165,7 +165,7 @@ def load_progress(path: Path) -> tuple[np.ndarray, np.ndarray]:
             grids, epochs = progress["grids"], progress["epochs"]
     except FileNotFoundError:
         raise UserInputError(f"{path}: missing; run `dvc repro train` first") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except DAMAGED_FILE_ERRORS as error:
         raise UserInputError(f"{path}: damaged progress grids ({type(error).__name__}: {error}); "
                              "run `dvc repro train` to write them again") from None
     if grids.ndim != 4 or grids.shape[2:] != (28, 28) or grids.dtype != np.uint8 or len(epochs) != len(grids):
@@ -174,7 +174,7 @@ def load_progress(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return grids, epochs
 
 
-def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path: Path, upstream: records.Upstream,
+def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path: Path, upstream: Upstream,
              folder: Path) -> list[Path]:
     """The visualize stage: every figure into `folder`, and into this execution's MLflow run as artifacts."""
     model = load_trained(model_path, params.model)
@@ -195,5 +195,4 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path
         else:
             (folder / "latent_manifold.png").unlink(missing_ok=True)  # left from a 2-D run: it would mislead
         tracking.log_artifacts(written, "figures")
-        tracking.set_tags({records.done_tag("visualize"): "done"})
     return written

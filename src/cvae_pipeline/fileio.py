@@ -4,9 +4,14 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# What reading a truncated or corrupt file (a zip archive, .npz or .keras, compressed or not) raises.
+DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @contextlib.contextmanager

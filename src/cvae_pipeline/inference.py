@@ -1,6 +1,5 @@
 """Using a trained model: load it safely in float32, and encode or decode many images in batches."""
 
-import zipfile
 from pathlib import Path
 
 import keras
@@ -8,6 +7,7 @@ import numpy as np
 
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS
 from cvae_pipeline.model import CVAE, build_cvae
 
 BATCH = 1000
@@ -20,7 +20,7 @@ def load_trained(path: str | Path, cfg: ModelParams) -> CVAE:
         raise UserInputError(f"{path}: no trained model; run `dvc repro train` first")
     try:
         saved = keras.models.load_model(path, safe_mode=True, compile=False)
-    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except DAMAGED_FILE_ERRORS as error:
         raise UserInputError(f"{path}: not a model this pipeline can load ({type(error).__name__}: {error}); "
                              "run `dvc repro train` to write it again") from None
     if not isinstance(saved, CVAE) or saved.latent_dim != cfg.latent_dim:

@@ -1,20 +1,22 @@
 """Which MLflow run records a stage's work, so that every pipeline execution is one complete, findable run.
 
+An execution is one `dvc repro` or `dvc exp run` (one experiment of a queue): the `dvc` process whose children the
+stages are. Every run is tagged with the execution that opened it (`execution`).
 - train: every new training starts a new run; a training resumed from its checkpoint continues its own run, or, when
   the store does not know that run (another `MLFLOW_TRACKING_URI`), a new run that names it (`resumed_from_run_id`).
-- evaluate and visualize log into the training's run when they complete the execution that trained: the run was
-  logged with exactly the params they run with (`params_digest`) and holds none of their results yet. Otherwise the
-  execution reused an earlier training (an experiment that changes only `evaluate.*` or `visualize.*`, a forced
-  re-run, outputs pulled from a teammate's store) and its results go to a follow-up run of its own: named after the
-  DVC experiment, holding every param as used, the training's per-epoch and final metrics (read from train's DVC
-  outputs), evaluate's metrics, and tags that link it to the training run (`training_run_id`) and its model.
-  The training's run is left exactly as it was. Both stages of one execution find the same follow-up run by its tags.
+- evaluate and visualize log into the training's run when train ran in the same execution. Otherwise the execution
+  reused an earlier training (an experiment that changes only `evaluate.*` or `visualize.*`, a forced re-run, a code
+  change to evaluate, outputs pulled from a teammate's store) and its results go to a follow-up run of its own, which
+  the execution's first such stage opens and the next one finds by its tags: named after the DVC experiment, holding
+  every param as used, the training's per-epoch and final metrics and evaluate's metrics (from the DVC outputs), and
+  tags that link it to the training run (`training_run_id`) and its model. A later execution never changes a run.
 
 It also names runs (after the DVC experiment, else `<stage>-<commit>-<time>`), tags them with their source, and reads
 and writes the run reference that train leaves for the later stages.
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +24,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -31,16 +32,20 @@ from cvae_pipeline import tracking
 from cvae_pipeline.config import Params
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_json_atomic
+from cvae_pipeline.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+HOST = tracking.HOST
 EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
 BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 PARAMS_DIGEST_TAG = "params_digest"
 TRAINING_RUN_TAG = "training_run_id"
+EXECUTION_TAG = "execution"
 
 
 def _git(*args: str) -> str:
+    """What a git command prints; empty outside a repository or without git."""
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -98,55 +103,33 @@ def read_run_id(path: str | Path) -> str | None:
     return run_id
 
 
-def done_tag(stage: str) -> str:
-    """The tag that says a run holds this stage's results (set in the same call that logs them)."""
-    return f"stage.{stage}"
-
-
 def params_digest(params: Params) -> str:
+    """A short digest of every param as flattened for MLflow."""
     return hashlib.sha256(json.dumps(tracking.flatten(params), sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """The DVC outputs of the stages before this one: the record a follow-up run is made of."""
+@functools.cache
+def execution() -> str:
+    """This pipeline execution: the nearest `dvc` process above this one (every stage of one `dvc repro`, or of one
+    queued experiment, is its child), as host:pid:start; this process itself when no `dvc` runs it."""
+    import psutil  # DVC's dependency too
 
-    run_reference: Path
-    train_history: Path
-    train_metrics: Path
-    metrics: Path | None = None  # evaluate's, for the stages after it
-
-    def read(self) -> tuple[pd.DataFrame, dict, dict | None]:
-        """Train's history and final metrics, and evaluate's metrics; one clear line for a missing or damaged file."""
-        history = _read(self.train_history, "train", pd.read_csv)
-        if "epoch" not in history or history.empty:
-            raise UserInputError(f"{self.train_history}: damaged training history (no epochs); run `dvc repro train`")
-        final = _read(self.train_metrics, "train", lambda path: json.loads(Path(path).read_text(encoding="utf-8")))
-        metrics = None
-        if self.metrics is not None:
-            metrics = _read(self.metrics, "evaluate", lambda path: json.loads(Path(path).read_text(encoding="utf-8")))
-        for path, payload in ((self.train_metrics, final), (self.metrics, metrics)):
-            if payload is not None and not (isinstance(payload, dict) and all(
-                    isinstance(value, int | float) for value in payload.values())):
-                raise UserInputError(f"{path}: damaged metrics file (not a mapping of numbers); run `dvc repro`")
-        return history, final, metrics
-
-
-def _read(path: Path, stage: str, reader):
-    try:
-        return reader(path)
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: missing; run `dvc repro {stage}` first") from None
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as error:
-        raise UserInputError(f"{path}: damaged ({type(error).__name__}: {error}); run `dvc repro {stage}` "
-                             "to write it again") from None
+    process = psutil.Process()
+    for parent in process.parents():
+        try:
+            if any(Path(argument).name == "dvc" for argument in parent.cmdline()[:2]):
+                process = parent
+                break
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return f"{HOST}:{process.pid}:{process.create_time():.3f}"
 
 
 @contextlib.contextmanager
 def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str]) -> Iterator:
     """The run of this training: a new one, or the run of the interrupted training it resumes."""
     cfg, run_id, digest = params.tracking, resumed_run_id, params_digest(params)
-    extra = {PARAMS_DIGEST_TAG: digest}
+    extra = {PARAMS_DIGEST_TAG: digest, EXECUTION_TAG: execution()}
     if run_id and tracking.connect(cfg):
         try:
             earlier = tracking.get_run(run_id)
@@ -182,55 +165,44 @@ def stage_run(params: Params, stage: str, upstream: Upstream) -> Iterator:
         with tracking.active_run(params.tracking, run_id) as run:
             yield run
         return
-    tags = {**source_tags(params), PARAMS_DIGEST_TAG: params_digest(params), TRAINING_RUN_TAG: run_id}
+    tags = {**source_tags(params), PARAMS_DIGEST_TAG: params_digest(params), TRAINING_RUN_TAG: run_id,
+            EXECUTION_TAG: execution()}
     with tracking.active_run(params.tracking, target, run_name(stage), tags) as run:
         if run is not None and target is None:
-            _record_upstream(params, training, history, final, metrics, stage)
+            _record_upstream(params, training, history, final, metrics if stage != "evaluate" else None)
         yield run
 
 
 def _plan(params: Params, stage: str, run_id: str, reference: Path) -> tuple[str | None, object] | None:
-    """(the run to reopen: the training's `run_id`, a follow-up's, or None for a new follow-up; the training run, if
-    the store knows it). None when the store is offline."""
+    """(the run to reopen: the training's `run_id`, this execution's follow-up, or None for a new follow-up; the
+    training run, if the store knows it). None when the store is offline."""
     if not tracking.connect(params.tracking):
         return None
-    digest = params_digest(params)
     try:
         training = tracking.get_run(run_id)
         if training is None:
             log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another "
                         "store); recording %s in a new run that names it (tag %s)", reference, run_id,
                         tracking.tracking_uri(), stage, TRAINING_RUN_TAG)
-        elif training.data.tags.get(PARAMS_DIGEST_TAG) == digest and done_tag(stage) not in training.data.tags:
+        elif training.data.tags.get(EXECUTION_TAG) == execution():
             return run_id, training
-        return _follow_up(params.tracking.experiment, run_id, digest, stage), training
+        found = tracking.search_runs(params.tracking.experiment, f"tags.{EXECUTION_TAG} = '{execution()}' and "
+                                     f"tags.{TRAINING_RUN_TAG} = '{run_id}'")
+        return (found[0].info.run_id if found else None), training
     except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
         tracking.store_failed(error)
         return None
 
 
-def _follow_up(experiment_name: str, training_run_id: str, digest: str, stage: str) -> str | None:
-    """This execution's follow-up run if an earlier stage of it made one (same training, params and experiment,
-    without this stage's results yet); None: make one."""
-    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
-    for run in tracking.search_runs(experiment_name, f"tags.{TRAINING_RUN_TAG} = '{training_run_id}' and "
-                                    f"tags.{PARAMS_DIGEST_TAG} = '{digest}' and attributes.status != 'RUNNING'"):
-        tags = run.data.tags
-        if tags.get("dvc_experiment") == experiment and done_tag(stage) not in tags:
-            return run.info.run_id
-    return None
-
-
-def _record_upstream(params: Params, training, history: pd.DataFrame, final: dict, metrics: dict | None,
-                     stage: str) -> None:
+def _record_upstream(params: Params, training, history: pd.DataFrame, final: dict, metrics: dict | None) -> None:
     """A follow-up run starts as the whole record of what it builds on: params, the training's curves and final
-    metrics, evaluate's metrics (when it ran earlier), and a link to the training's logged model."""
+    metrics, evaluate's metrics (when it ran in an earlier execution), and a link to the training's logged model."""
     tracking.log_params(params)
     tracking.log_missing_epochs(history.to_dict("records"))
     tracking.log_metrics({f"final_{key}": value for key, value in final.items()})
-    if metrics is not None and stage != "evaluate":
+    if metrics is not None:
         tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
-                             tags={"eval_metrics_from": "the DVC outputs of an earlier evaluate"})
+                             tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
     model = training and tracking.training_model_uri(training.info.run_id)  # none when the store lacks the run
     if model:
         tracking.set_tags({"training_model_uri": model})

@@ -20,10 +20,13 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            # `from cvae_pipeline import tracking` imports a module by its attribute name.
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # `from . import x` / `from .x import y` inside the package (which has no subpackages).
+            module = ".".join(filter(None, [PACKAGE, node.module])) if node.level else node.module
+            if module:
+                names.add(module)
+                # `from cvae_pipeline import tracking` imports a module by its attribute name.
+                names.update(f"{module}.{alias.name}" for alias in node.names)
     return {name for name in names if name.startswith(PACKAGE + ".") and (PACKAGE_DIR / _relative(name)).is_file()}
 
 

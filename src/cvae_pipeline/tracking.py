@@ -267,14 +267,15 @@ def log_artifacts(paths: list[Path], folder: str) -> None:
     _log(log)
 
 
-def logged_models(run_id: str) -> list:
-    """The complete (READY) models that a run logged, newest first."""
+def logged_models(run_id: str, ready: bool = True) -> list:
+    """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others, which
+    a process killed while logging left behind."""
     mlflow = _mlflow()
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     found = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                         filter_string=f"source_run_id = '{run_id}'",
                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
-    return [model for model in found if str(model.status).endswith("READY")]
+    return [model for model in found if str(model.status).endswith("READY") == ready]
 
 
 def training_model_uri(run_id: str) -> str | None:
@@ -292,8 +293,11 @@ def log_model(model, example_input, example_output) -> None:
         import mlflow.keras
         from mlflow.models import infer_signature
 
-        if logged_models(mlflow.active_run().info.run_id):
+        run_id = mlflow.active_run().info.run_id
+        if logged_models(run_id):
             return
+        for unfinished in logged_models(run_id, ready=False):  # a kill mid-upload: one model per training
+            mlflow.MlflowClient().delete_logged_model(unfinished.model_id)
         signature = infer_signature(example_input, example_output)
         requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
         mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
