@@ -55,6 +55,7 @@ params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.env
 trainer = Trainer(params, data)
 curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
 print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_replicas_in_sync,
+                            "batch": trainer.batch_size, "steps": trainer.steps_per_epoch,
                             "chief": trainer.is_chief, "test_elbo": trainer.evaluate()["test_elbo"]}}))
 """.format(tests=str(REPO / "tests"), epochs=EPOCHS)
 
@@ -113,12 +114,13 @@ def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_devic
     assert_same_curve(mirrored["curve"], result(train("one_device", BATCH="30"))["curve"])
 
 
-def test_a_batch_that_does_not_split_evenly_over_the_replicas_is_refused_naming_the_param():
-    process = train("mirrored", ONE_SGD_STEP="4", LOGICAL_CPUS="3")  # tf.distribute would split it 2/2/0
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
-    assert ("train.batch_size: 4 does not split evenly over the 3 replicas of train.strategy=mirrored; "
-            "use a multiple of 3") in err
+@pytest.mark.parametrize("replicas", [3, 7, 8])
+def test_the_default_batch_trains_on_replicas_it_does_not_split_over_rounded_down_to_whole_images_each(replicas):
+    """tf.distribute would hand 100 images to 3 replicas as 34/33/33, 7 as 15 x 6 + 10, 8 as 13 x 7 + 9."""
+    mirrored = result(train("mirrored", LOGICAL_CPUS=str(replicas), BATCH="100"))
+    expected = {3: 99, 7: 98, 8: 96}[replicas]
+    assert (mirrored["replicas"], mirrored["batch"], mirrored["steps"]) == (replicas, expected, 512 // expected)
+    assert mirrored["curve"][-1] < mirrored["curve"][0]
 
 
 def free_ports(count: int) -> list[int]:

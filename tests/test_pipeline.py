@@ -7,7 +7,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run, runs_in, setup_copy, stage_commands
+from conftest import TINY, run, runs_in, setup_copy, stage_commands
+from cvae_pipeline import devices
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,9 @@ QUICK = {"evaluate": {"iwae_k": 20, "samples": 2}}
 
 
 def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_copy, fake_mnist):
-    env = setup_copy(repo_copy, fake_mnist, **QUICK)
+    # The shipped precision and XLA settings (auto): what this machine does natively, recorded in the run.
+    shipped = {"precision": "auto", "jit_compile": "auto"}
+    env = setup_copy(repo_copy, fake_mnist, **QUICK, train={**TINY["train"], **shipped})
     result = run(["dvc", "repro"], repo_copy, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("prepare", "train", "evaluate", "visualize"):
@@ -39,6 +42,10 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     found = runs.iloc[0]
     assert found["metrics.eval_iwae"] == pytest.approx(metrics["iwae"])
+    machine = devices.detect()
+    assert found["tags.precision"] == devices.choose_precision("auto", machine).value
+    assert found["tags.precision_reason"].startswith("auto: ") and found["tags.device"] == machine.describe()
+    assert found["tags.jit_compile"] == str(machine.on_gpu).lower()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(found["run_id"], "figures")}
     assert artifacts == {f"figures/{name}" for name in expected}
 

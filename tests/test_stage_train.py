@@ -26,7 +26,8 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     result = run(["dvc", "repro", "train"], repo_copy, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     precision = yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["precision"]
-    assert f"train: training on CPU with {precision} precision" in result.stderr
+    assert "train: training on CPU (" in result.stderr
+    assert f"with {precision} precision (set in params), XLA off, 1 replica(s)" in result.stderr
 
     history = pd.read_csv(repo_copy / "reports/train_history.csv")
     assert history["epoch"].tolist() == [1, 2]
@@ -46,7 +47,9 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     assert found["params.train.batch_size"] == "50" and found["params.model.latent_dim"] == "2"
     assert found["params.data.train_limit"] == "null" and found["params.model.encoder_filters"] == "[32, 64]"
     assert found["artifact_uri"].startswith((repo_copy / "mlruns").as_uri())
-    assert found["tags.device"] == "CPU" and found["tags.tensorflow_version"]
+    assert found["tags.device"].startswith("CPU (") and found["tags.tensorflow_version"]
+    assert (found["tags.precision"], found["tags.precision_reason"]) == (precision, "set in params")
+    assert (found["tags.jit_compile"], found["tags.global_batch_size"]) == ("false", "50")
     assert len(found["tags.mlflow.source.git.commit"]) == 40 and found["tags.git_dirty"] == "true"
     client = mlflow.MlflowClient()
     elbo = client.get_metric_history(found["run_id"], "test_elbo")

@@ -22,7 +22,7 @@ def test_params_are_flattened_as_params_yaml_spells_them():
     flat = tracking.flatten(params_with(train={"batch_size": 64}))
     assert flat["train.batch_size"] == "64"
     assert flat["data.train_limit"] == "null"
-    assert flat["train.jit_compile"] == "false"
+    assert flat["train.jit_compile"] == "auto" and flat["train.deterministic"] == "true"
     assert flat["model.encoder_filters"] == "[32, 64]"
     assert flat["train.kl"] == "analytic"
     assert flat["seed"] == "0"

@@ -19,7 +19,7 @@ from cvae_pipeline.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 KL_MODES = ("analytic", "monte_carlo")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 
 
@@ -75,6 +75,7 @@ def integer_list(length: int) -> Rule:
 
 
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+BOOLEAN_OR_AUTO = Rule("true, false or auto", lambda v: isinstance(v, bool) or v == "auto")
 NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 OPTIONAL_NAME = Rule("a non-empty string or null", lambda v: v is None or NAME.check(v))
 SEED = integer(0)
@@ -106,7 +107,8 @@ class TrainParams:
     kl: str = param(choice(*KL_MODES))
     beta: float = param(number(0.0, low_inclusive=True))
     precision: str = param(choice(*PRECISIONS))
-    jit_compile: bool = param(BOOLEAN)
+    jit_compile: bool | str = param(BOOLEAN_OR_AUTO)
+    deterministic: bool = param(BOOLEAN)
     steps_per_call: int = param(integer(1))
     strategy: str = param(choice(*STRATEGIES))
     eval_limit: int | None = param(integer(1, optional=True))

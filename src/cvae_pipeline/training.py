@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cvae_pipeline import checkpoints, records, sources, tracking
+from cvae_pipeline import checkpoints, devices, records, sources, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
@@ -36,69 +36,77 @@ PROGRESS_IMAGES = 16  # the tutorial's 4x4 grid of images decoded from fixed lat
 EVAL_BATCH = 1000
 
 
-def describe_device() -> str:
-    """Which device TensorFlow will train on; on GPUs, memory is claimed as needed rather than all at once."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    names = {tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus}
-    return f"GPU x{len(gpus)} ({', '.join(sorted(names))})"
-
-
 class Trainer:
-    def __init__(self, params: Params, data: PreparedData, script: Path | None = None):
+    def __init__(self, params: Params, data: PreparedData, script: Path | None = None,
+                 machine: devices.Machine | None = None):
         self.params = params
         self.script = script or Path(__file__)  # the entry point whose code (and the modules it imports) trains
         cfg = params.train
         self.strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede other TF work
         self.is_chief = is_chief(self.strategy)
+        self.machine = machine or devices.detect()
+        self.precision = devices.choose_precision(cfg.precision, self.machine)
+        self.jit_compile = devices.choose_jit(cfg.jit_compile, self.machine)
         keras.utils.set_random_seed(params.seed)
-        tf.config.experimental.enable_op_determinism()
-        keras.mixed_precision.set_dtype_policy(cfg.precision)
+        if cfg.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.mixed_precision.set_dtype_policy(self.precision.value)
         with self.strategy.scope():  # variables mirrored on every replica; each replica its own noise stream
             self.model = build_cvae(params.model)
             optimizer = keras.optimizers.Adam(cfg.learning_rate)
-            if cfg.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+            if self.precision.value == "mixed_float16":  # float16 gradients underflow without loss scaling
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             self.optimizer = optimizer
             self.optimizer.build(self.model.trainable_variables)
             self.generator = tf.random.Generator.from_seed(params.seed)
 
         self.train_images = data.train.images[..., None]
-        # The images stay where the model runs, one copy on each replica's device (47 MB as uint8); tf.data shuffles
-        # and batches only their indices, and each step gathers its batch there: no host-to-device copy per step.
+        # The images stay where the model runs, one copy on each replica's device, in a dtype that device can gather;
+        # tf.data shuffles and batches only their indices, and each step gathers its batch there: no host-to-device
+        # copy per step.
+        stored = self.train_images.astype(devices.image_dtype(self.machine).as_numpy_dtype)
         self._replica_images = self.strategy.experimental_distribute_values_from_function(
-            lambda context: tf.identity(tf.constant(self.train_images)))
+            lambda context: tf.identity(tf.constant(stored)))
         self._indices = tf.data.Dataset.range(len(self.train_images))
         replicas = self.strategy.num_replicas_in_sync
-        if cfg.batch_size % replicas:  # tf.distribute would hand some replicas fewer images, or none
-            raise UserInputError(f"train.batch_size: {cfg.batch_size} does not split evenly over the {replicas} "
-                                 f"replicas of train.strategy={cfg.strategy}; use a multiple of {replicas}")
+        # tf.distribute would hand some replicas fewer images, or none: each gets the same whole number.
+        self.batch_size = devices.replica_batch(cfg.batch_size, replicas)
+        if self.batch_size != cfg.batch_size:
+            log.warning("train.batch_size %d does not split evenly over %d replicas: training with %d (%d each)",
+                        cfg.batch_size, replicas, self.batch_size, self.batch_size // replicas)
         # Nor can a last short batch be shared: with several replicas it is dropped (a different few images each epoch).
         self._drop_remainder = replicas > 1
         count = len(self.train_images)
-        self.steps_per_epoch = count // cfg.batch_size if self._drop_remainder else math.ceil(count / cfg.batch_size)
+        self.steps_per_epoch = count // self.batch_size if self._drop_remainder else math.ceil(count / self.batch_size)
         if self.steps_per_epoch == 0:
-            raise UserInputError(f"train.batch_size: {cfg.batch_size} is more than the {count} training images; "
-                                 f"with {replicas} replicas a batch must be whole")
+            raise UserInputError(f"train.batch_size: a batch of {self.batch_size} is more than the {count} training "
+                                 f"images; with {replicas} replicas a batch must be whole")
         self.eval_images = data.test.images[: cfg.eval_limit, ..., None]
         rng = np.random.default_rng([params.seed, 1])
         latent = params.model.latent_dim
         self.eval_noise = rng.standard_normal((len(self.eval_images), latent)).astype(np.float32)
         self.progress_latent = rng.standard_normal((PROGRESS_IMAGES, latent)).astype(np.float32)
-        self._train_step = tf.function(self._step, jit_compile=cfg.jit_compile)
+        self._train_step = tf.function(self._step, jit_compile=self.jit_compile.value)
         # The loop over a call's steps stays outside XLA: it reads the tf.data iterator.
         self._train_steps = tf.function(self._steps)
-        self._eval_step = tf.function(self._eval, jit_compile=cfg.jit_compile)
+        self._eval_step = tf.function(self._eval, jit_compile=self.jit_compile.value)
+
+    def settings(self) -> dict[str, str]:
+        """What this machine made of the params (`auto` decided, the batch rounded), and why: MLflow tags."""
+        return {"device": self.machine.describe(), "precision": str(self.precision.value),
+                "precision_reason": self.precision.reason, "jit_compile": str(self.jit_compile.value).lower(),
+                "jit_compile_reason": self.jit_compile.reason, "replicas": str(self.strategy.num_replicas_in_sync),
+                "global_batch_size": str(self.batch_size)}
 
     @functools.cached_property  # hashes the whole training set: once, not at every checkpoint
     def fingerprint(self) -> str:
         settings = dataclasses.asdict(self.params)
         settings.pop("tracking")
-        # How the work is spread is not what is trained: a run may resume under another strategy (on other devices).
+        # How the work is spread is not what is trained, but what it decides is: a run may resume under another
+        # strategy, on other devices, if they train the same batches in the same precision.
         settings["train"].pop("strategy")
+        settings["train"].update(precision=self.precision.value, jit_compile=self.jit_compile.value,
+                                 batch_size=self.batch_size, whole_batches_only=self._drop_remainder)
         return checkpoints.fingerprint(settings, sources.code_digest(self.script), self.train_images,
                                        self.eval_images)
 
@@ -131,7 +139,7 @@ class Trainer:
     def epoch_batches(self, epoch: int) -> tf.data.Dataset:
         """This epoch's order depends on (seed, epoch) only, so a resumed run sees the same batches."""
         shuffled = self._indices.shuffle(len(self.train_images), seed=self.params.seed * 100_003 + epoch)
-        return shuffled.batch(self.params.train.batch_size, drop_remainder=self._drop_remainder).prefetch(
+        return shuffled.batch(self.batch_size, drop_remainder=self._drop_remainder).prefetch(
             tf.data.AUTOTUNE)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -261,8 +269,8 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     tracking.connect(params.tracking)  # a tracking server that does not answer stops the stage before any work
     for path in dataclasses.astuple(outputs):
         remove_leftover_temporaries(path)  # of a run that was killed while writing
-    device = describe_device()  # before any tensor exists: GPU memory growth can only be set then
-    trainer = Trainer(params, data, script)
+    machine = devices.detect()  # before any tensor exists: GPU memory growth can only be set then
+    trainer = Trainer(params, data, script, machine)
     state = trainer.restore_checkpoint(outputs.checkpoint)
     # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
     require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
@@ -270,9 +278,10 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
                                  f"give every worker the same commit, params, data and {outputs.checkpoint}")
     if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
         tracking.disable("this worker is not the chief, which logs the run")
-    log.info("training on %s with %s precision, %d replica(s); MLflow store %s", device, params.train.precision,
+    log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s", machine.describe(),
+             trainer.precision.value, trainer.precision.reason, "on" if trainer.jit_compile.value else "off",
              trainer.strategy.num_replicas_in_sync, tracking.tracking_uri())
-    tags = {**records.source_tags(params), "device": device, "tensorflow_version": tf.__version__}
+    tags = {**records.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
     with records.training_run(params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id

@@ -1,0 +1,157 @@
+"""The machine training runs on, and the settings that are fastest on it: `train.precision`, `train.jit_compile`.
+
+`detect()` reads the CPU (model and instruction-set flags from /proc/cpuinfo) and the GPUs TensorFlow sees (name and
+compute capability). `auto` then means what the hardware does natively, never what it emulates:
+
+- precision: bfloat16 on CPUs with AVX512-BF16 or AMX and on GPUs of compute capability 8.0 or more (Ampere and
+  newer); float16 with loss scaling on GPUs 7.x (Volta, Turing: tensor cores without bfloat16); float32 elsewhere. On
+  an AVX2-only CPU bfloat16 is emulated and trained 9x slower than float32 (measured on an AMD EPYC of the Zen 3
+  generation); only x86 flags are read, so other CPUs train in float32.
+- XLA (`jit_compile`): on GPUs, where it fuses the loss's many small element-wise ops; not on CPUs, where it ran slower.
+"""
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+CPUINFO = Path("/proc/cpuinfo")
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # as /proc/cpuinfo spells them, the better first
+SHOWN_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides speed here
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: tuple[int, int] | None  # None when TensorFlow does not say (not a CUDA device)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The CPU (model and flags) and the GPUs that TensorFlow trains on."""
+
+    cpu_model: str
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)
+    gpus: tuple[Gpu, ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def shown_cpu_flags(self) -> list[str]:
+        return [flag for flag in SHOWN_CPU_FLAGS if flag in self.cpu_flags]
+
+    def describe(self) -> str:
+        """`CPU (AMD EPYC; avx2 avx512f avx512_bf16)` or `GPU x2 (NVIDIA A100-SXM4-40GB, compute capability 8.0)`."""
+        if not self.gpus:
+            return f"CPU ({self.cpu_model}; {' '.join(self.shown_cpu_flags) or 'none of ' + ' '.join(SHOWN_CPU_FLAGS)})"
+        kinds = sorted({f"{gpu.name}, compute capability {'.'.join(map(str, gpu.compute_capability))}"
+                        if gpu.compute_capability else gpu.name for gpu in self.gpus})
+        return f"GPU x{len(self.gpus)} ({'; '.join(kinds)})"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A setting as used, and why (logged, and recorded in the MLflow run)."""
+
+    value: str | bool
+    reason: str
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """The CPU's model name and the flags of its first core, from the text of /proc/cpuinfo."""
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model or platform.processor() or platform.machine() or "unknown CPU", flags
+
+
+def detect() -> Machine:
+    """This machine. Call it before any tensor exists: GPU memory is then claimed as needed, not all at once."""
+    try:
+        model, flags = parse_cpuinfo(CPUINFO.read_text(errors="replace"))
+    except OSError:  # not Linux
+        model, flags = parse_cpuinfo("")
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(device, True)
+        details = tf.config.experimental.get_device_details(device)
+        capability = details.get("compute_capability")
+        gpus.append(Gpu(details.get("device_name", device.name), tuple(capability) if capability else None))
+    return Machine(model, flags, tuple(gpus))
+
+
+def choose_precision(requested: str, machine: Machine) -> Choice:
+    """`train.precision` as it will train: `auto` decided from what the hardware computes natively."""
+    if requested != "auto":
+        warning = _emulated(requested, machine)
+        if warning:
+            log.warning("train.precision=%s: %s; `auto` would choose %s", requested, warning,
+                        choose_precision("auto", machine).value)
+        return Choice(requested, "set in params")
+    if machine.gpus:
+        capabilities = [gpu.compute_capability for gpu in machine.gpus]
+        if None in capabilities:
+            return Choice("float32", "auto: a GPU that does not report its compute capability")
+        lowest = min(capabilities)  # every replica must run the same program
+        shown = ".".join(map(str, lowest))
+        if lowest >= (8, 0):
+            return Choice("mixed_bfloat16", f"auto: GPU compute capability {shown} computes bfloat16 natively")
+        if lowest >= (7, 0):
+            return Choice("mixed_float16", f"auto: GPU compute capability {shown} has float16 tensor cores but no "
+                                           "bfloat16 (float16 needs loss scaling)")
+        return Choice("float32", f"auto: GPU compute capability {shown} has no fast half precision")
+    native = next((flag for flag in BFLOAT16_CPU_FLAGS if flag in machine.cpu_flags), None)
+    if native:
+        return Choice("mixed_bfloat16", f"auto: the CPU computes bfloat16 natively ({native})")
+    return Choice("float32", "auto: the CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated "
+                             "(several times slower than float32)")
+
+
+def _emulated(precision: str, machine: Machine) -> str | None:
+    """Why `precision` will be slow here, or None."""
+    if precision == "float32":
+        return None
+    if not machine.gpus:
+        if precision == "mixed_float16":
+            return "CPUs have no fast float16 arithmetic (it is emulated, slower than float32)"
+        if not any(flag in machine.cpu_flags for flag in BFLOAT16_CPU_FLAGS):
+            return "this CPU has neither AVX512-BF16 nor AMX: bfloat16 is emulated, several times slower than float32"
+        return None
+    lowest = min((gpu.compute_capability or (0, 0)) for gpu in machine.gpus)
+    if precision == "mixed_bfloat16" and lowest < (8, 0):
+        return f"GPUs of compute capability {'.'.join(map(str, lowest))} have no native bfloat16"
+    if precision == "mixed_float16" and lowest < (7, 0):
+        return f"GPUs of compute capability {'.'.join(map(str, lowest))} have no float16 tensor cores"
+    return None
+
+
+def choose_jit(requested: bool | str, machine: Machine) -> Choice:
+    """`train.jit_compile` as it will train: `auto` is XLA on GPUs only."""
+    if requested != "auto":
+        return Choice(bool(requested), "set in params")
+    if machine.on_gpu:
+        return Choice(True, "auto: on GPUs XLA fuses the loss's element-wise operations")
+    return Choice(False, "auto: on CPUs XLA trained slower")
+
+
+def image_dtype(machine: Machine) -> tf.DType:
+    """The dtype the training images are kept in on the device: TensorFlow has no GPU gather kernel for uint8 (the
+    gather would run on the host every step), so on GPUs float32 (190 MB); on CPUs uint8 (47 MB)."""
+    return tf.float32 if machine.on_gpu else tf.uint8
+
+
+def replica_batch(batch_size: int, replicas: int) -> int:
+    """The global batch that trains on `replicas` devices: `batch_size` rounded down to a multiple of them, so that
+    each replica gets the same whole number of images (at least one). 100 on 3, 6, 7 or 8 GPUs: 99, 96, 98, 96."""
+    return max(1, batch_size // replicas) * replicas

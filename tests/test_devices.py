@@ -1,0 +1,107 @@
+"""What `auto` makes of a machine (precision, XLA, the images' dtype, the global batch), and the Trainer applying it."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import params_with
+from cvae_pipeline import devices
+from cvae_pipeline.devices import Gpu, Machine, choose_jit, choose_precision, parse_cpuinfo, replica_batch
+from cvae_pipeline.training import Trainer
+
+ZEN3 = Machine("AMD EPYC 7763 64-Core Processor", frozenset({"fpu", "sse2", "avx", "avx2", "fma"}))
+ZEN4 = Machine("AMD EPYC 9654 96-Core Processor", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+SAPPHIRE_RAPIDS = Machine("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+
+
+def gpus(*capabilities) -> Machine:
+    return Machine("host", frozenset({"avx2"}), tuple(Gpu(f"GPU {c}", c) for c in capabilities))
+
+
+def test_cpuinfo_gives_the_model_and_the_first_cores_flags():
+    text = ("processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    model, flags = parse_cpuinfo(text)
+    assert model == "AMD EPYC 9654"
+    assert flags == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert Machine(model, flags).describe() == "CPU (AMD EPYC 9654; avx2 avx512f avx512_bf16)"
+
+
+@pytest.mark.parametrize(("machine", "precision", "why"), [
+    (ZEN3, "float32", "neither AVX512-BF16 nor AMX"),
+    (ZEN4, "mixed_bfloat16", "avx512_bf16"),
+    (SAPPHIRE_RAPIDS, "mixed_bfloat16", "amx_bf16"),
+    (gpus((6, 1)), "float32", "compute capability 6.1"),
+    (gpus((7, 0)), "mixed_float16", "compute capability 7.0 has float16 tensor cores"),
+    (gpus((7, 5), (7, 5)), "mixed_float16", "7.5"),
+    (gpus((8, 0)), "mixed_bfloat16", "compute capability 8.0 computes bfloat16"),
+    (gpus((9, 0), (7, 0)), "mixed_float16", "7.0"),  # every replica runs the same program: the weakest decides
+    (gpus(None), "float32", "does not report"),
+])
+def test_auto_precision_is_what_the_hardware_computes_natively(machine, precision, why):
+    choice = choose_precision("auto", machine)
+    assert choice.value == precision
+    assert why in choice.reason and choice.reason.startswith("auto: ")
+
+
+@pytest.mark.parametrize(("machine", "precision", "warned"), [
+    (ZEN3, "mixed_bfloat16", "bfloat16 is emulated"), (ZEN3, "mixed_float16", "no fast float16"),
+    (ZEN4, "mixed_bfloat16", None), (ZEN4, "float32", None),
+    (gpus((7, 5)), "mixed_bfloat16", "no native bfloat16"), (gpus((8, 0)), "mixed_float16", None),
+])
+def test_an_explicit_precision_is_kept_with_a_warning_when_the_hardware_emulates_it(machine, precision, warned,
+                                                                                    caplog):
+    with caplog.at_level(logging.WARNING, logger=devices.__name__):
+        assert choose_precision(precision, machine).value == precision
+    if warned:
+        assert f"train.precision={precision}: " in caplog.text and warned in caplog.text
+        assert "`auto` would choose" in caplog.text
+    else:
+        assert caplog.text == ""
+
+
+def test_auto_jit_compiles_with_xla_on_gpus_only():
+    assert choose_jit("auto", gpus((8, 0))).value is True
+    assert choose_jit("auto", ZEN4).value is False
+    assert choose_jit(True, ZEN4) == devices.Choice(True, "set in params")
+
+
+@pytest.mark.parametrize(("replicas", "batch"), [(1, 100), (2, 100), (3, 99), (4, 100), (5, 100), (6, 96), (7, 98),
+                                                 (8, 96)])
+def test_the_default_batch_rounds_down_to_whole_images_per_replica_on_1_to_8_devices(replicas, batch):
+    assert replica_batch(100, replicas) == batch
+    assert batch % replicas == 0
+
+
+def test_a_batch_smaller_than_the_replicas_gives_each_one_image():
+    assert replica_batch(3, 8) == 8
+
+
+def small(**train):
+    return params_with(model={"latent_dim": 4}, train={"batch_size": 32, "learning_rate": 1e-3, "epochs": 1, **train})
+
+
+@pytest.mark.parametrize(("machine", "policy"), [(ZEN3, "float32"), (ZEN4, "mixed_bfloat16")])
+def test_the_trainer_trains_in_the_precision_auto_chose(small_data, machine, policy):
+    try:
+        trainer = Trainer(small(precision="auto", jit_compile="auto"), small_data, machine=machine)
+        assert trainer.precision.value == policy
+        assert keras.mixed_precision.dtype_policy().name == policy
+        assert trainer.jit_compile.value is False
+        assert trainer.settings()["precision"] == policy and trainer.settings()["device"] == machine.describe()
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_on_a_gpu_the_images_are_kept_in_a_dtype_with_a_gather_kernel_and_train_the_same(small_data):
+    params = small(precision="float32", jit_compile=False)
+    on_cpu = Trainer(params, small_data, machine=ZEN3)
+    assert on_cpu._replica_images.dtype == tf.uint8
+    cpu_loss = on_cpu.train_epoch(1)["train_loss"]
+    on_gpu = Trainer(params, small_data, machine=gpus((8, 0)))  # what it keeps; the ops still run on this CPU
+    assert on_gpu._replica_images.dtype == tf.float32
+    np.testing.assert_array_equal(on_gpu._replica_images.numpy(), small_data.train.images[..., None])
+    assert on_gpu.train_epoch(1)["train_loss"] == cpu_loss
