@@ -1,13 +1,26 @@
-# Entry points for users and CI. Every target creates or refreshes .venv/ only when pyproject.toml changed.
+# Entry points for users and CI. Every target first makes .venv/ match uv.lock (exact versions), in seconds; again
+# only when pyproject.toml or uv.lock changed.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter of .venv/: the first that runs of python3.11 (what the full suite runs on in CI), 3.12, 3.13, python3.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3.11 python3.12 python3.13 python3; do $$p -c 'import sys; print(sys.executable)' \
+	2>/dev/null && break; done)
+endif
+CHECK_PYTHON = @test -n "$(PYTHON)" || { echo "make: none of python3.11, 3.12, 3.13, python3 runs here; set PYTHON=" >&2; exit 2; }
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
-STAMP := $(VENV)/.installed
+# uv installs the lock file: the uv on PATH, else this version, which pip installs once into .tools/.
+UV_VERSION := 0.13.9
+UV ?= $(or $(shell command -v uv),$(CURDIR)/.tools/bin/uv)
+# EXTRAS=gpu: TensorFlow with its CUDA libraries, for a machine with an NVIDIA GPU and only its driver; picked by
+# default when `nvidia-smi -L` lists a GPU. EXTRAS= (empty) installs the CPU build there too.
+ifeq ($(origin EXTRAS),undefined)
+EXTRAS := $(if $(shell nvidia-smi -L 2>/dev/null | grep GPU),gpu)
+endif
+STAMP := $(VENV)/.installed$(subst $() ,,$(addprefix -,$(EXTRAS)))
 # The venv's bin/ first on PATH: dvc.yaml runs `python`, and `dvc queue` workers run `dvc` from PATH.
 export PATH := $(BIN):$(PATH)
-
 # The MLflow UI: loopback only unless UI_HOST says otherwise (it has no authentication).
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
@@ -26,15 +39,26 @@ S ?=
 J ?= 2
 SWEEP_LOG := .dvc/tmp/sweep.log
 
-.PHONY: repro test lint venv clean-venv ui mlflow-server compare sweep bench
+.PHONY: repro test smoke lint venv lock clean-venv ui mlflow-server compare sweep bench
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+# --locked: a uv.lock that no longer matches pyproject.toml is an error (run `make lock`), never silently re-resolved.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(CHECK_PYTHON)
+	rm -f $(VENV)/.installed*
+	UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(UV) sync --locked --quiet --python $(PYTHON) \
+		--extra dev $(foreach extra,$(EXTRAS),--extra $(extra))
+	touch $@
+
+$(CURDIR)/.tools/bin/uv:
+	$(CHECK_PYTHON)
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+# After editing the dependencies in pyproject.toml: resolve them again into uv.lock (commit both).
+lock: | $(UV)
+	$(UV) lock
 
 repro: $(STAMP)
 	dvc repro
@@ -44,6 +68,11 @@ lint: $(STAMP)
 
 test: lint
 	pytest
+
+# What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
+# small `dvc repro` end to end, in a few minutes.
+smoke: $(STAMP)
+	pytest -m "smoke or not (slow or reliability)"
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
@@ -71,4 +100,4 @@ bench: $(STAMP)
 	python benchmarks/run.py $(BENCH_FLAGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools

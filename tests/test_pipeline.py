@@ -17,6 +17,7 @@ METRIC_TYPES = {"elbo": float, "reconstruction_nll": float, "kl": float, "iwae":
 QUICK = {"evaluate": {"iwae_k": 20, "samples": 2}}
 
 
+@pytest.mark.smoke
 def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_copy, fake_mnist):
     # The shipped precision and XLA settings (auto): what this machine does natively, recorded in the run.
     shipped = {"precision": "auto", "jit_compile": "auto"}

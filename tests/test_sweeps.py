@@ -42,8 +42,8 @@ def sweep(tmp_path_factory):
     env = setup_copy(repo, write_fake_mnist(folder), evaluate={"iwae_k": 5, "samples": 1})
     baseline = commit_all(repo, "tiny")
     venv = Path(sys.prefix)  # this test's environment, in place of the copy's own .venv/
-    made = subprocess.run(["make", "-o", f"{venv}/.installed", "sweep", f"VENV={venv}", f"S={SWEEP}", "J=2"],
-                          cwd=repo, env=subprocess_env(**env), capture_output=True, text=True,
+    made = subprocess.run(["make", "-o", f"{venv}/.installed", "sweep", f"VENV={venv}", "EXTRAS=", f"S={SWEEP}",
+                           "J=2"], cwd=repo, env=subprocess_env(**env), capture_output=True, text=True,
                           timeout=QUEUE_TIMEOUT_S)
     names = run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
     return {"repo": repo, "env": env, "baseline": baseline, "made": made, "states": queue_states(repo),
@@ -60,8 +60,8 @@ def test_make_sweep_prepares_once_runs_every_experiment_and_compares(sweep):
 
 
 def test_make_sweep_without_params_says_what_to_give():
-    made = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "sweep"], cwd=REPO,
-                          capture_output=True, text=True)
+    made = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", "sweep"],
+                          cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 2 and made.stderr.startswith("make sweep: S names what to sweep"), made.stderr
 
 

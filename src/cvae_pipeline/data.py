@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 import struct
 import urllib.error
 import urllib.request
@@ -120,7 +121,10 @@ def _gunzip(blob: bytes, source: str) -> bytes:
 
 
 def _download(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+    # A context of its own: from Python 3.12 urlopen's default one is made once per process, and would not see an
+    # SSL_CERT_FILE (a mirror's own certificate authority) set after the first download.
+    context = ssl.create_default_context() if url.startswith("https:") else None
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S, context=context) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         chunks = []
         with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], leave=False) as bar:
