@@ -105,3 +105,21 @@ def test_on_a_gpu_the_images_are_kept_in_a_dtype_with_a_gather_kernel_and_train_
     assert on_gpu._replica_images.dtype == tf.float32
     np.testing.assert_array_equal(on_gpu._replica_images.numpy(), small_data.train.images[..., None])
     assert on_gpu.train_epoch(1)["train_loss"] == cpu_loss
+
+
+@pytest.mark.parametrize(("limit", "precision"), [(None, "mixed_bfloat16"), ("avx2", "float32"),
+                                                  ("AVX512_CORE", "float32"), ("AVX512_CORE_AMX", "mixed_bfloat16")])
+def test_a_onednn_isa_limit_below_bfloat16_makes_auto_take_float32(limit, precision, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC 9654\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    if limit:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    machine = devices.detect()
+    choice = choose_precision("auto", machine)
+    assert choice.value == precision
+    if precision == "float32":
+        assert f"ONEDNN_MAX_CPU_ISA={limit.upper()} keeps TensorFlow off" in choice.reason
+        assert machine.describe() == f"CPU (AMD EPYC 9654; avx2 avx512f ONEDNN_MAX_CPU_ISA={limit.upper()})"

@@ -6,11 +6,13 @@ compute capability). `auto` then means what the hardware does natively, never wh
 - precision: bfloat16 on CPUs with AVX512-BF16 or AMX and on GPUs of compute capability 8.0 or more (Ampere and
   newer); float16 with loss scaling on GPUs 7.x (Volta, Turing: tensor cores without bfloat16); float32 elsewhere. On
   an AVX2-only CPU bfloat16 is emulated and trained 9x slower than float32 (measured on an AMD EPYC of the Zen 3
-  generation); only x86 flags are read, so other CPUs train in float32.
+  generation); only x86 flags are read, so other CPUs train in float32. `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16
+  (say AVX2) keeps TensorFlow's CPU kernels off bfloat16 instructions, so `auto` then takes float32 too.
 - XLA (`jit_compile`): on GPUs, where it fuses the loss's many small element-wise ops; not on CPUs, where it ran slower.
 """
 
 import logging
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,12 @@ log = logging.getLogger(__name__)
 
 CPUINFO = Path("/proc/cpuinfo")
 BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # as /proc/cpuinfo spells them, the better first
+# oneDNN (TensorFlow's CPU kernels) uses no more of the CPU than ONEDNN_MAX_CPU_ISA allows; these levels include
+# native bfloat16 (oneDNN's names; DEFAULT and ALL: whatever the CPU has).
+ISA_LIMIT = "ONEDNN_MAX_CPU_ISA"
+BFLOAT16_ISA_LEVELS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                       "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+                       "DEFAULT", "ALL")
 SHOWN_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides speed here
 
 
@@ -44,7 +52,8 @@ class Machine:
 
     @property
     def shown_cpu_flags(self) -> list[str]:
-        return [flag for flag in SHOWN_CPU_FLAGS if flag in self.cpu_flags]
+        limits = sorted(flag for flag in self.cpu_flags if flag.startswith(ISA_LIMIT))
+        return [flag for flag in SHOWN_CPU_FLAGS if flag in self.cpu_flags] + limits
 
     def describe(self) -> str:
         """`CPU (AMD EPYC; avx2 avx512f avx512_bf16)` or `GPU x2 (NVIDIA A100-SXM4-40GB, compute capability 8.0)`."""
@@ -88,6 +97,9 @@ def detect() -> Machine:
         details = tf.config.experimental.get_device_details(device)
         capability = details.get("compute_capability")
         gpus.append(Gpu(details.get("device_name", device.name), tuple(capability) if capability else None))
+    limit = os.environ.get(ISA_LIMIT, "").strip().upper()
+    if limit and limit not in BFLOAT16_ISA_LEVELS:  # e.g. AVX2: bfloat16 is emulated, whatever the CPU could do
+        flags = flags - set(BFLOAT16_CPU_FLAGS) | {f"{ISA_LIMIT}={limit}"}
     return Machine(model, flags, tuple(gpus))
 
 
@@ -114,6 +126,9 @@ def choose_precision(requested: str, machine: Machine) -> Choice:
     native = next((flag for flag in BFLOAT16_CPU_FLAGS if flag in machine.cpu_flags), None)
     if native:
         return Choice("mixed_bfloat16", f"auto: the CPU computes bfloat16 natively ({native})")
+    limited = next((flag for flag in machine.cpu_flags if flag.startswith(ISA_LIMIT)), None)
+    if limited:
+        return Choice("float32", f"auto: {limited} keeps TensorFlow off the CPU's bfloat16 instructions")
     return Choice("float32", "auto: the CPU has neither AVX512-BF16 nor AMX, so bfloat16 would be emulated "
                              "(several times slower than float32)")
 
