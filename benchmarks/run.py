@@ -9,8 +9,7 @@ the project, and the ratios are printed. Results go to `reports/benchmark.md` (a
 
 `--quick` skips the two long measurements: the time for the default configuration to reach test ELBO -78.3 (minutes)
 and the IWAE bound on the whole test set. `--precisions` measures only what `train.precision: auto` chooses between:
-the default against float32 and mixed_bfloat16 at its other settings (e.g. with `ONEDNN_MAX_CPU_ISA=AVX2`, which
-keeps TensorFlow's CPU kernels to AVX2 as on a CPU without AVX-512).
+the default against float32 and mixed_bfloat16 at its other settings, in a few minutes (on a new machine, say).
 """
 
 import argparse
