@@ -38,8 +38,18 @@ COMPARE := reports/compare
 S ?=
 J ?= 2
 SWEEP_LOG := .dvc/tmp/sweep.log
+# make promote: the best finished run's model becomes <registry.model_name>@champion; SWEEP= limits it to one sweep.
+SWEEP ?=
+# make sample: N samples from the prior of MODEL (a models:/ or runs:/ URI, or a .keras file; by default the champion,
+# models:/<registry.model_name>@champion), seeded, as a PNG grid; MANIFOLD=20 also draws the latent manifold of a 2-D
+# model.
+MODEL ?=
+N ?= 64
+SEED ?= 0
+OUT ?= reports/samples.png
+MANIFOLD ?= 0
 
-.PHONY: repro test smoke lint venv lock clean-venv ui mlflow-server compare sweep bench
+.PHONY: repro test smoke lint venv lock clean-venv ui mlflow-server compare sweep promote sample bench
 
 venv: $(STAMP)
 
@@ -96,6 +106,12 @@ sweep: $(STAMP)
 	dvc exp run --run-all -j $(J) 2>&1 | tee $(SWEEP_LOG)
 	@! grep "Failed to reproduce" $(SWEEP_LOG) || { echo "make sweep: see why with dvc queue logs <name>" >&2; exit 1; }
 	$(MAKE) --no-print-directory compare
+
+promote: $(STAMP)
+	python -m cvae_pipeline.registry $(if $(SWEEP),--sweep '$(SWEEP)')
+
+sample: $(STAMP)
+	python -m cvae_pipeline.sampling $(if $(MODEL),'$(MODEL)') --count $(N) --seed $(SEED) --out '$(OUT)' --manifold $(MANIFOLD)
 
 # Minutes: see benchmarks/run.py. BENCH_FLAGS=--quick skips time to quality and the full IWAE.
 bench: $(STAMP)

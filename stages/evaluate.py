@@ -21,7 +21,7 @@ def main() -> None:
 
     data = load_prepared(args.prepared)
     upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics))
-    evaluate_and_track(params, data.test.images, Path(args.model), upstream, Path(args.metrics))
+    evaluate_and_track(params, data, Path(args.model), upstream, Path(args.metrics))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -78,6 +79,13 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(overrides)
     return env
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -236,15 +244,27 @@ def run_record(run_id: str) -> dict:
     }
 
 
+# A user's script, where the project cannot be imported (this environment's editable install of it is taken off the
+# path first): only the code that travels with the model can make it load.
+PREDICT = """
+import importlib.util, sys
+sys.path = [entry for entry in sys.path if not entry.rstrip("/").endswith("/src")]
+assert importlib.util.find_spec("cvae_pipeline") is None, "the project is importable: the test would prove nothing"
+import mlflow
+import numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+np.save(sys.argv[4], mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3])))
+import cvae_pipeline
+print("cvae_pipeline from", cvae_pipeline.__file__)
+"""
+
+
 def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path) -> np.ndarray:
-    """Load a logged model with `mlflow.pyfunc` in a new Python process and predict, as a user's script would. The
-    process imports `cvae_pipeline.model` explicitly: the model's class is the project's, and Keras finds it only
-    once it is imported (see README, MLflow), so a test in this process would pass for the wrong reason."""
-    script = ("import sys\nimport mlflow\nimport numpy as np\nimport cvae_pipeline.model  # noqa: F401\n"
-              "mlflow.set_tracking_uri(sys.argv[1])\n"
-              "np.save(sys.argv[4], mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3])))\n")
+    """Load a logged model with `mlflow.pyfunc` in a new Python process that cannot import the project, and predict:
+    the pixel probabilities of the images' mean reconstructions."""
     np.save(folder / "inputs.npy", images)
-    loaded = subprocess.run([sys.executable, "-c", script, tracking_uri, model_uri, str(folder / "inputs.npy"),
+    loaded = subprocess.run([sys.executable, "-c", PREDICT, tracking_uri, model_uri, str(folder / "inputs.npy"),
                              str(folder / "outputs.npy")], env=subprocess_env(), capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "/code/cvae_pipeline/__init__.py" in loaded.stdout, loaded.stdout  # the model's own copy of the code
     return np.load(folder / "outputs.npy")

@@ -63,7 +63,7 @@ def test_each_figure_is_a_valid_image_of_the_expected_size(model_2d, tmp_path):
     images, labels = synthetic_digits(300)
     figures.reconstructions(model_2d, images, CFG, tmp_path / "r.png")
     figures.prior_samples(model_2d, CFG, 2, 0, tmp_path / "p.png")
-    figures.latent_manifold(model_2d, CFG, tmp_path / "m.png")
+    figures.latent_manifold(model_2d, CFG.manifold_size, tmp_path / "m.png")
     figures.latent_scatter(model_2d, images, labels, tmp_path / "s.png")
     history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0], "test_elbo": [-3.0, -2.5, -2.0],
                             "test_reconstruction": [2.0, 1.5, 1.2], "test_kl": [1.0, 1.0, 0.8]})

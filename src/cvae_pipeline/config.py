@@ -137,6 +137,11 @@ class TrackingParams:
 
 
 @dataclass(frozen=True)
+class RegistryParams:
+    model_name: str = param(NAME)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = param(SEED)
     data: DataParams = field(metadata={"rule": None})
@@ -145,6 +150,7 @@ class Params:
     evaluate: EvaluateParams = field(metadata={"rule": None})
     visualize: VisualizeParams = field(metadata={"rule": None})
     tracking: TrackingParams = field(metadata={"rule": None})
+    registry: RegistryParams = field(metadata={"rule": None})
 
 
 class _Loader(yaml.SafeLoader):

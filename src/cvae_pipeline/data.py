@@ -63,6 +63,7 @@ class Split:
 class PreparedData:
     train: Split
     test: Split
+    source: Path | None = None  # the file it was read from, which MLflow records as the runs' dataset
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -257,7 +258,7 @@ def load_prepared(path: str | Path) -> PreparedData:
     except DAMAGED_FILE_ERRORS as error:
         raise DataError(f"{path}: damaged prepared data ({type(error).__name__}: {error}); "
                         "run `dvc repro -f prepare` to prepare it again") from None
-    return PreparedData(**splits)
+    return PreparedData(**splits, source=Path(path))
 
 
 def summarize(data: PreparedData, threshold: float) -> dict:

@@ -19,8 +19,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import records, tracking
+from cvae_pipeline import lineage, records, tracking
 from cvae_pipeline.config import EvaluateParams, Params
+from cvae_pipeline.data import PreparedData
 from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.inference import BATCH, as_inputs, load_trained
 from cvae_pipeline.losses import analytic_kl, log_normal_pdf, reconstruction_nll
@@ -119,15 +120,21 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
     return int(np.sum(np.var(posterior_means.astype(np.float64), axis=0) > threshold))
 
 
-def evaluate_and_track(params: Params, test_images: np.ndarray, model_path: Path, upstream: Upstream,
+def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, upstream: Upstream,
                        metrics_path: Path) -> dict[str, float]:
-    """The evaluate stage: score the trained model, write the metrics file, log them to this execution's MLflow run
-    (`records.stage_run`: the training's run, or a follow-up run of its own)."""
+    """The evaluate stage: score the trained model on the test set, write the metrics file, log them to this
+    execution's MLflow run (`records.stage_run`: the training's run, or a follow-up run of its own) and to the
+    training's logged model, with the data they were computed on."""
     model = load_trained(model_path, params.model)
-    with records.stage_run(params, "evaluate", upstream):
-        metrics = Evaluator(model, params.evaluate, params.seed).evaluate(test_images)
+    with records.stage_run(params, "evaluate", upstream) as run:
+        metrics = Evaluator(model, params.evaluate, params.seed).evaluate(data.test.images)
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
         write_json_atomic(metrics_path, metrics)
-        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()})
+        logged = run and records.trained_model(upstream.run_reference)
+        model_id = logged.model_id if logged else None
+        if data.source is not None:
+            lineage.log_dataset(data.source, params.data, "testing", model_id)
+        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
+                             dataset=lineage.dataset_key(data.source) if data.source else None)
     return metrics

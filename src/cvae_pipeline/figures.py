@@ -67,9 +67,8 @@ def prior_samples(model: CVAE, cfg: VisualizeParams, latent_dim: int, seed: int,
     _save(figure, path)
 
 
-def latent_manifold(model: CVAE, cfg: VisualizeParams, path: Path) -> None:
-    """The tutorial's figure for latent_dim 2: z on a grid of standard-normal quantiles, decoded."""
-    size = cfg.manifold_size
+def latent_manifold(model: CVAE, size: int, path: Path) -> None:
+    """The tutorial's figure for latent_dim 2: z on a `size` x `size` grid of standard-normal quantiles, decoded."""
     normal = statistics.NormalDist()
     quantiles = np.array([normal.inv_cdf(q) for q in np.linspace(0.05, 0.95, size)])
     z1, z2 = np.meshgrid(quantiles, quantiles[::-1])  # z2 grows upwards, as on a plot
@@ -190,7 +189,7 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path
         progress_animation(grids, epochs, cfg, folder / "training_progress.gif")
         written = [folder / name for name in FIGURES[:-1]]
         if params.model.latent_dim == 2:
-            latent_manifold(model, cfg, folder / "latent_manifold.png")
+            latent_manifold(model, cfg.manifold_size, folder / "latent_manifold.png")
             written.append(folder / "latent_manifold.png")
         else:
             (folder / "latent_manifold.png").unlink(missing_ok=True)  # left from a 2-D run: it would mislead

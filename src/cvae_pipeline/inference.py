@@ -13,22 +13,31 @@ from cvae_pipeline.model import CVAE, build_cvae
 BATCH = 1000
 
 
-def load_trained(path: str | Path, cfg: ModelParams) -> CVAE:
-    """The trained weights in a float32 model (however it was trained), loaded with Keras' safe mode."""
+def load_model_file(path: str | Path, error: type[Exception] = UserInputError) -> CVAE:
+    """A trained `.keras` file as a float32 CVAE (however it was trained), loaded with Keras' safe mode; a missing,
+    damaged or foreign file raises `error` with one line naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"{path}: no trained model; run `dvc repro train` first")
+        raise error(f"{path}: no trained model; run `dvc repro train` first")
     try:
         saved = keras.models.load_model(path, safe_mode=True, compile=False)
-    except DAMAGED_FILE_ERRORS as error:
-        raise UserInputError(f"{path}: not a model this pipeline can load ({type(error).__name__}: {error}); "
-                             "run `dvc repro train` to write it again") from None
-    if not isinstance(saved, CVAE) or saved.latent_dim != cfg.latent_dim:
+    except DAMAGED_FILE_ERRORS as problem:
+        raise error(f"{path}: not a model this version of cvae_pipeline can load ({type(problem).__name__}: "
+                    f"{problem}); run `dvc repro train` to write it again") from None
+    if not isinstance(saved, CVAE):
+        raise error(f"{path}: a {type(saved).__name__}, not the CVAE that train writes; run `dvc repro train`")
+    keras.mixed_precision.set_dtype_policy("float32")
+    model = build_cvae(ModelParams(saved.latent_dim, saved.encoder_filters, saved.decoder_filters))
+    model.set_weights(saved.get_weights())
+    return model
+
+
+def load_trained(path: str | Path, cfg: ModelParams) -> CVAE:
+    """The trained model of `path`, which must match `cfg` (params.yaml's model section)."""
+    model = load_model_file(path)
+    if model.latent_dim != cfg.latent_dim:
         raise UserInputError(f"{path}: model does not match model.latent_dim={cfg.latent_dim} in params.yaml; "
                              "run `dvc repro train`")
-    keras.mixed_precision.set_dtype_policy("float32")
-    model = build_cvae(cfg)
-    model.set_weights(saved.get_weights())
     return model
 
 
@@ -45,6 +54,13 @@ def posterior(model: CVAE, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         means.append(keras.ops.convert_to_numpy(mean))
         log_variances.append(keras.ops.convert_to_numpy(log_variance))
     return np.concatenate(means), np.concatenate(log_variances)
+
+
+def reconstruct(model: CVAE, images: np.ndarray) -> np.ndarray:
+    """Pixel probabilities of the mean reconstructions of (n, 28, 28, 1) float32 images, same shape, in batches."""
+    chunks = [keras.ops.convert_to_numpy(keras.ops.sigmoid(model(images[start:start + BATCH])))
+              for start in range(0, len(images), BATCH)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 28, 28, 1), np.float32)
 
 
 def decode_probabilities(model: CVAE, latent: np.ndarray) -> np.ndarray:

@@ -62,10 +62,15 @@ def run_name(stage: str) -> str:
     return f"{stage}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def git_commit() -> str:
+    """The checkout's commit; empty outside a repository."""
+    return _git("rev-parse", "HEAD")
+
+
 def source_tags(params: Params) -> dict[str, str]:
     """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep."""
     tags = {}
-    commit = _git("rev-parse", "HEAD")
+    commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
@@ -142,10 +147,22 @@ def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str
                 log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run "
                             "that names it (tag resumed_from_run_id), with the epochs before", run_id, why)
                 extra["resumed_from_run_id"], run_id = run_id, None
-    with tracking.active_run(cfg, run_id, run_name("train"), {**tags, **extra}) as run:
+    # The training alone samples system metrics: the stages that reopen its run add no second monitor.
+    with tracking.active_run(cfg, run_id, run_name("train"), {**tags, **extra}, system_metrics=True) as run:
         if run is not None and run_id is None:
             tracking.log_params(params)
         yield run
+
+
+def trained_model(run_reference: Path):
+    """The model logged by the training that `run_reference` names (`.model_id`, `.model_uri`), or None: trained
+    without MLflow, or the store does not know the run."""
+    run_id = read_run_id(run_reference)
+    try:
+        return tracking.training_model(run_id) if run_id and tracking.get_run(run_id) else None
+    except Exception as error:  # any store failure: fatal only when tracking is required
+        tracking.store_failed(error)
+        return None
 
 
 @contextlib.contextmanager
@@ -203,6 +220,6 @@ def _record_upstream(params: Params, training, history: pd.DataFrame, final: dic
     if metrics is not None:
         tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
                              tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
-    model = training and tracking.training_model_uri(training.info.run_id)  # none when the store lacks the run
+    model = training and tracking.training_model(training.info.run_id)  # none when the store lacks the run
     if model:
-        tracking.set_tags({"training_model_uri": model})
+        tracking.set_tags({"training_model_uri": model.model_uri})

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cvae_pipeline.config import Params, TrackingParams
@@ -140,9 +140,10 @@ def _get_or_create_experiment(mlflow, client, name: str) -> str:
 
 @contextlib.contextmanager
 def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | None = None,
-               tags: dict[str, str] | None = None) -> Iterator:
+               tags: dict[str, str] | None = None, system_metrics: bool = False) -> Iterator:
     """Start (or reopen, by id) a run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C, never RUNNING.
-    Yields None, and logs nothing, when the store does not answer and `cfg.required` is false."""
+    Yields None, and logs nothing, when the store does not answer and `cfg.required` is false. `system_metrics`:
+    MLflow samples CPU, memory (and GPU) use while the run is open (a reopened run continues its steps)."""
     if os.environ.pop("MLFLOW_RUN_ID", None):
         log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
     if not connect(cfg):
@@ -158,7 +159,8 @@ def active_run(cfg: TrackingParams, run_id: str | None = None, run_name: str | N
                 client.set_tag(run_id, key, value)
         reap_dead_runs(client, experiment_id)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                               run_name=None if run_id else run_name, tags={**(tags or {}), **owner})
+                               run_name=None if run_id else run_name, tags={**(tags or {}), **owner},
+                               log_system_metrics=system_metrics)
     except UserInputError:
         raise
     except Exception as error:  # the store failed while opening the run: fatal only when tracking is required
@@ -204,7 +206,7 @@ def _end_run(mlflow, status: str) -> None:
         store_failed(error)
 
 
-def _log(action) -> None:
+def log_with(action: Callable) -> None:
     """One logging call to the active run, unless offline; a failure is fatal only when tracking is required."""
     if _session.offline:
         return
@@ -215,7 +217,7 @@ def _log(action) -> None:
 
 
 def log_params(params: Params) -> None:
-    _log(lambda mlflow: mlflow.log_params(flatten(params)))
+    log_with(lambda mlflow: mlflow.log_params(flatten(params)))
 
 
 def log_missing_epochs(history: list[dict]) -> None:
@@ -234,13 +236,14 @@ def log_missing_epochs(history: list[dict]) -> None:
             client.log_batch(run_id, metrics=metrics)
 
     if history:
-        _log(log)
+        log_with(log)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None,
-                once: bool = False) -> None:
+                once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
     """All of them, and `tags`, in one batched call (one transaction): a kill leaves all or none of them.
-    `once`: leave out the metrics that the run already holds (a repeated stage logs no second point)."""
+    `once`: leave out the metrics that the run already holds (a repeated stage logs no second point).
+    `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data scored."""
     def log(mlflow) -> None:
         from mlflow.entities import Metric, RunTag
 
@@ -248,15 +251,17 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[s
         run_id = mlflow.active_run().info.run_id
         held = client.get_run(run_id).data.metrics if once else {}
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0)
+        name, digest = dataset or (None, None)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0, model_id=model_id,
+                                                 dataset_name=name, dataset_digest=digest)
                                           for key, value in metrics.items() if key not in held],
                          tags=[RunTag(key, value) for key, value in (tags or {}).items()])
 
-    _log(log)
+    log_with(log)
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    _log(lambda mlflow: mlflow.set_tags(tags))
+    log_with(lambda mlflow: mlflow.set_tags(tags))
 
 
 def log_artifacts(paths: list[Path], folder: str) -> None:
@@ -264,7 +269,7 @@ def log_artifacts(paths: list[Path], folder: str) -> None:
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path=folder)
 
-    _log(log)
+    log_with(log)
 
 
 def logged_models(run_id: str, ready: bool = True) -> list:
@@ -278,28 +283,21 @@ def logged_models(run_id: str, ready: bool = True) -> list:
     return [model for model in found if str(model.status).endswith("READY") == ready]
 
 
-def training_model_uri(run_id: str) -> str | None:
-    """`models:/<model id>` of the model that a training run logged, if it did."""
+def training_model(run_id: str):
+    """The model that a training run logged (`.model_id`, `.model_uri`), or None."""
     found = logged_models(run_id)
-    return found[0].model_uri if found else None
+    return found[0] if found else None
 
 
-def log_model(model, example_input, example_output) -> None:
-    """The model as an MLflow Keras model with its signature (loading it needs `cvae_pipeline` importable), once:
-    a training resumed after its model was logged does not log a second one."""
-    from importlib.metadata import version
-
+def log_model_once(log_model: Callable[[], None]) -> None:
+    """Call `log_model` to log the active run's model, unless the run holds one already (a training resumed after
+    its model was logged): one model per training. An unfinished one, left by a kill mid-upload, is deleted first."""
     def log(mlflow) -> None:
-        import mlflow.keras
-        from mlflow.models import infer_signature
-
         run_id = mlflow.active_run().info.run_id
         if logged_models(run_id):
             return
-        for unfinished in logged_models(run_id, ready=False):  # a kill mid-upload: one model per training
+        for unfinished in logged_models(run_id, ready=False):
             mlflow.MlflowClient().delete_logged_model(unfinished.model_id)
-        signature = infer_signature(example_input, example_output)
-        requirements = [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
-        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+        log_model()
 
-    _log(log)
+    log_with(log)

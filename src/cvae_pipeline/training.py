@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cvae_pipeline import checkpoints, devices, records, sources, tracking
+from cvae_pipeline import checkpoints, devices, lineage, records, sources, tracking
 from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
@@ -102,6 +102,7 @@ class Trainer:
     def fingerprint(self) -> str:
         settings = dataclasses.asdict(self.params)
         settings.pop("tracking")
+        settings.pop("registry")
         # How the work is spread is not what is trained, but what it decides is: a run may resume under another
         # strategy, on other devices, if they train the same batches in the same precision.
         settings["train"].pop("strategy")
@@ -230,6 +231,12 @@ class Trainer:
         return state
 
 
+def log_model(model_file: Path, example: np.ndarray) -> None:
+    from cvae_pipeline import serving  # MLflow's pyfunc: imported only when a model is logged (seconds)
+
+    serving.log_model(model_file, example)
+
+
 @dataclass(frozen=True)
 class TrainOutputs:
     model: Path
@@ -287,13 +294,14 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
             state.run_id = run.info.run_id
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
         tracking.log_missing_epochs(state.history)
+        if data.source is not None:
+            lineage.log_dataset(data.source, params.data, "training")
         state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
         records.write_run_reference(outputs.run, run)
         tracking.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
-        example = trainer.eval_images[:2].astype(np.float32)
-        tracking.log_model(trainer.model, example, keras.ops.convert_to_numpy(trainer.model(example)))
+        tracking.log_model_once(lambda: log_model(outputs.model, trainer.eval_images[:2].astype(np.float32)))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
     trainer.save_checkpoint(outputs.checkpoint, dataclasses.replace(state, finished=True))
     return final

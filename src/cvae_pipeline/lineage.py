@@ -1,0 +1,54 @@
+"""Where a run's data came from, in MLflow: the prepared dataset as an input of the run (the digest DVC records for it,
+its path, its params, the commit), linked to the logged model it trained or tested."""
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+from cvae_pipeline import records, tracking
+from cvae_pipeline.config import DataParams
+
+DATASET_NAME = "mnist_binarized"
+
+
+def file_md5(path: Path) -> str:
+    """What DVC records as a file output's `md5` in dvc.lock: the MD5 of its bytes."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepared_dataset(path: Path):
+    """The prepared data as an MLflow dataset (metadata only: the data itself is DVC's to store)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # every artifact-store scheme claims local paths: MLflow warns, then picks one
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(path.as_posix())
+    return MetaDataset(source, name=DATASET_NAME, digest=file_md5(path))
+
+
+def dataset_key(path: Path) -> tuple[str, str]:
+    """(name, digest) of the dataset at `path`, as metrics that were computed on it record them."""
+    return DATASET_NAME, file_md5(path)
+
+
+def log_dataset(path: Path, cfg: DataParams, context: str, model_id: str | None = None) -> None:
+    """Record the prepared data at `path` as an input of the active run, used for `context` (training, testing),
+    and of the logged model `model_id`."""
+    commit = records.git_commit()
+    tags = {"dvc_path": path.as_posix(), "dvc_md5": file_md5(path), "data.threshold": json.dumps(cfg.threshold),
+            "data.train_limit": json.dumps(cfg.train_limit), "data.test_limit": json.dumps(cfg.test_limit),
+            **({"git_commit": commit} if commit else {})}
+
+    def log(mlflow) -> None:
+        from mlflow.entities import LoggedModelInput
+
+        mlflow.log_input(prepared_dataset(path), context=context, tags=tags,
+                         model=LoggedModelInput(model_id) if model_id else None)
+
+    tracking.log_with(log)

@@ -1,0 +1,58 @@
+"""The trained model as an MLflow pyfunc model: it loads in any process, and `mlflow models serve` serves it.
+
+MLflow's Keras flavor cannot bring the project's `CVAE` class along (it takes no `code_paths`), so a process that never
+imported `cvae_pipeline` (the scoring server, a notebook) could not load it. The model is logged as a pyfunc instead:
+its artifact is the trained `.keras` file, this package travels with it as code, and `predict` answers a batch of
+images (n, 28, 28, 1), pixel values in [0, 1] (binarized: 0 or 1), with their mean reconstructions as pixel
+probabilities of the same shape: the posterior mean decoded, then the sigmoid.
+"""
+
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+from mlflow.exceptions import MlflowException
+
+from cvae_pipeline.inference import load_model_file, reconstruct
+
+ARTIFACT = "keras_model"
+FORMAT = 1  # what `predict` takes and returns; a model of another format is refused by name, not misread
+FORMAT_KEY = "cvae_pipeline_format"
+PACKAGE = Path(__file__).resolve().parent
+REQUIREMENTS = ("tensorflow", "keras", "numpy", "pyyaml", "mlflow")
+
+
+class ReconstructionModel(mlflow.pyfunc.PythonModel):
+    """Binarized images in, the pixel probabilities of their mean reconstructions out, both (n, 28, 28, 1) float32."""
+
+    def load_context(self, context) -> None:
+        found = (context.model_config or {}).get(FORMAT_KEY)
+        if found != FORMAT:
+            raise MlflowException(f"this model is of cvae_pipeline format {found}, this code reads format {FORMAT}: "
+                                  "load it with the version of the project that logged it")
+        self.model = load_model_file(context.artifacts[ARTIFACT], error=MlflowException)
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        images = np.asarray(model_input, dtype=np.float32)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.shape[1:] != (28, 28, 1):
+            raise MlflowException(f"expected images of shape (n, 28, 28, 1) or (n, 28, 28), got {images.shape}",
+                                  error_code="INVALID_PARAMETER_VALUE")
+        return reconstruct(self.model, images)
+
+
+def log_model(model_file: Path, example: np.ndarray) -> None:
+    """Log `model_file` (the trained `.keras` file) to the active run as the pyfunc model `model`, with its
+    signature, an input example and pinned requirements."""
+    from mlflow.models import infer_signature
+
+    with_model = ReconstructionModel()
+    with_model.model = load_model_file(model_file)
+    signature = infer_signature(example, with_model.predict(None, example))
+    mlflow.pyfunc.log_model(
+        name="model", python_model=ReconstructionModel(), artifacts={ARTIFACT: str(model_file)},
+        code_paths=[str(PACKAGE)], signature=signature, input_example=example,
+        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+        model_config={FORMAT_KEY: FORMAT})
