@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import keras
 import mlflow
@@ -73,7 +74,7 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
 @pytest.mark.reliability
 def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_copy, fake_mnist, tmp_path):
     four_epochs = {"train": {**TINY["train"], "epochs": 4}}
-    env = setup_copy(repo_copy, fake_mnist, **four_epochs)
+    env = {**setup_copy(repo_copy, fake_mnist, **four_epochs), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     uninterrupted = tmp_path / "uninterrupted"
     shutil.copytree(repo_copy, uninterrupted)
     assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
@@ -83,6 +84,7 @@ def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_cop
     assert 1 <= killed_epoch < 4
     assert runs_in(repo_copy).iloc[0]["status"] == "RUNNING"  # what kill -9 leaves behind, until the resume
 
+    resuming = time.time() * 1000
     resumed = run(["dvc", "repro", "train"], repo_copy, **env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming after epoch {killed_epoch}" in resumed.stderr
@@ -95,6 +97,10 @@ def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_cop
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # the same run, continued
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "test_elbo")]
     assert sorted(steps) == [1, 2, 3, 4]  # each epoch once
+    # System metrics: sampled by the resumed training too, continuing the series of the killed one (each step once).
+    samples = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "system/cpu_utilization_percentage")
+    assert any(sample.timestamp >= resuming for sample in samples)
+    assert len({sample.step for sample in samples}) == len(samples)
 
 
 @pytest.mark.reliability

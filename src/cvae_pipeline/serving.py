@@ -33,7 +33,7 @@ class ReconstructionModel(mlflow.pyfunc.PythonModel):
                                   "load it with the version of the project that logged it")
         self.model = load_model_file(context.artifacts[ARTIFACT], error=MlflowException)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = np.asarray(model_input, dtype=np.float32)
         if images.ndim == 3:
             images = images[..., None]
