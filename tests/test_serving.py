@@ -74,7 +74,7 @@ def test_promote_registers_the_best_evaluated_run_as_champion_once(trained, prom
     champion = client.get_model_version_by_alias("cvae-mnist", "champion")
     (model,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{best['run_id']}'", output_format="list",
                                            experiment_ids=[best["experiment_id"]])
-    assert champion.model_id == model.model_id and champion.version == "1"
+    assert champion.source == model.model_uri and str(champion.version) == "1"
 
     again = make(trained, "promote")
     assert again.returncode == 0 and "cvae-mnist@champion is already version 1" in again.stdout
@@ -90,7 +90,7 @@ def test_promote_refuses_clearly_when_no_run_qualifies(trained):
 
 
 def test_the_champion_loads_where_the_project_cannot_be_imported(trained, promoted, tmp_path):
-    images = load_prepared(trained["repo"] / "data/prepared/mnist.npz").test.images[:3, ..., None]
+    images = load_prepared(trained["repo"] / "data/prepared/mnist.npz").test.images[:3, ..., None].astype(np.float32)
     predicted = predict_in_fresh_process(trained["store"], "models:/cvae-mnist@champion", images, tmp_path)
     assert predicted.shape == (3, 28, 28, 1) and predicted.dtype == np.float32
     assert ((predicted > 0) & (predicted < 1)).all()  # probabilities, not logits
@@ -209,17 +209,19 @@ def test_runs_record_the_dataset_dvc_prepared_and_the_model_shows_its_test_metri
     contexts = {}
     for found in run_inputs:
         tags = {tag.key: tag.value for tag in found.tags}
-        assert (found.dataset.name, found.dataset.digest) == ("mnist_binarized", prepared["md5"])
+        assert found.dataset.digest == prepared["md5"]
         assert tags["dvc_path"] == "data/prepared/mnist.npz" and len(tags["git_commit"]) == 40
-        contexts[tags["mlflow.data.context"]] = tags
-    assert set(contexts) == {"training", "testing"}
+        assert tags["data.threshold"] == "0.5"
+        contexts[tags["mlflow.data.context"]] = found.dataset.name
+    assert contexts == {"training": "mnist_binarized/train", "testing": "mnist_binarized/test"}
 
     (model,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{baseline['run_id']}'",
                                            experiment_ids=[baseline["experiment_id"]], output_format="list")
     on_model = {metric.key: metric for metric in mlflow.get_logged_model(model.model_id).metrics}
     assert on_model["eval_elbo"].value == pytest.approx(baseline["metrics.eval_elbo"])
     assert on_model["eval_iwae"].value == pytest.approx(baseline["metrics.eval_iwae"])
-    assert on_model["eval_elbo"].dataset_digest == prepared["md5"]
+    assert (on_model["eval_elbo"].dataset_name, on_model["eval_elbo"].dataset_digest) == ("mnist_binarized/test",
+                                                                                        prepared["md5"])
 
 
 def test_training_records_system_metrics_once_and_evaluate_adds_no_second_monitor(trained):

@@ -134,7 +134,7 @@ def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, ups
         logged = run and records.trained_model(upstream.run_reference)
         model_id = logged.model_id if logged else None
         if data.source is not None:
-            lineage.log_dataset(data.source, params.data, "testing", model_id)
+            lineage.log_dataset(data.source, params.data, "test", model_id)
         tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
-                             dataset=lineage.dataset_key(data.source) if data.source else None)
+                             dataset=lineage.dataset_key(data.source, "test") if data.source else None)
     return metrics

@@ -10,6 +10,7 @@ from cvae_pipeline import records, tracking
 from cvae_pipeline.config import DataParams
 
 DATASET_NAME = "mnist_binarized"
+CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
 
 
 def file_md5(path: Path) -> str:
@@ -21,25 +22,26 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepared_dataset(path: Path):
-    """The prepared data as an MLflow dataset (metadata only: the data itself is DVC's to store)."""
+def prepared_dataset(path: Path, split: str):
+    """One split of the prepared data as an MLflow dataset (metadata only: the data itself is DVC's to store), named
+    `mnist_binarized/<split>`, its digest that of the whole file."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     with warnings.catch_warnings():  # every artifact-store scheme claims local paths: MLflow warns, then picks one
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(path.as_posix())
-    return MetaDataset(source, name=DATASET_NAME, digest=file_md5(path))
+    return MetaDataset(source, name=f"{DATASET_NAME}/{split}", digest=file_md5(path))
 
 
-def dataset_key(path: Path) -> tuple[str, str]:
-    """(name, digest) of the dataset at `path`, as metrics that were computed on it record them."""
-    return DATASET_NAME, file_md5(path)
+def dataset_key(path: Path, split: str) -> tuple[str, str]:
+    """(name, digest) of a split of the prepared data, as the metrics computed on it record them."""
+    return f"{DATASET_NAME}/{split}", file_md5(path)
 
 
-def log_dataset(path: Path, cfg: DataParams, context: str, model_id: str | None = None) -> None:
-    """Record the prepared data at `path` as an input of the active run, used for `context` (training, testing),
-    and of the logged model `model_id`."""
+def log_dataset(path: Path, cfg: DataParams, split: str, model_id: str | None = None) -> None:
+    """Record a split (train, test) of the prepared data at `path` as an input of the active run (with the logged
+    model `model_id` that it was used on)."""
     commit = records.git_commit()
     tags = {"dvc_path": path.as_posix(), "dvc_md5": file_md5(path), "data.threshold": json.dumps(cfg.threshold),
             "data.train_limit": json.dumps(cfg.train_limit), "data.test_limit": json.dumps(cfg.test_limit),
@@ -48,7 +50,7 @@ def log_dataset(path: Path, cfg: DataParams, context: str, model_id: str | None 
     def log(mlflow) -> None:
         from mlflow.entities import LoggedModelInput
 
-        mlflow.log_input(prepared_dataset(path), context=context, tags=tags,
+        mlflow.log_input(prepared_dataset(path, split), context=CONTEXTS[split], tags=tags,
                          model=LoggedModelInput(model_id) if model_id else None)
 
     tracking.log_with(log)

@@ -65,7 +65,8 @@ def promote(model_name: str, experiment: str, sweep: str | None = None) -> str:
         current = client.get_model_version_by_alias(model_name, ALIAS)
     except mlflow.exceptions.MlflowException:
         current = None
-    if current is not None and current.model_id == best.model_id:
+    # A version records the model as its source (models:/<id>); some stores also fill in its model_id.
+    if current is not None and best.model_id in (current.model_id, current.source.removeprefix(MODELS)):
         return f"{model_name}@{ALIAS} is already version {current.version}, the model of run {best.run_name}: {why}"
     version = mlflow.register_model(MODELS + best.model_id, model_name,
                                     tags={"run_id": best.run_id, SCORE: f"{best.score:.6g}"})

@@ -295,7 +295,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
         tracking.log_missing_epochs(state.history)
         if data.source is not None:
-            lineage.log_dataset(data.source, params.data, "training")
+            lineage.log_dataset(data.source, params.data, "train")
         state = trainer.fit(state, outputs.checkpoint, on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
