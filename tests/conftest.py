@@ -207,8 +207,10 @@ def queue_states(repo: Path) -> list[str]:
 
 def run_queue(repo: Path, tasks: int, jobs: int = 2, timeout: float = 900, **env: str) -> list[str]:
     """`dvc queue start -j jobs`, then wait until `tasks` tasks have ended; their states."""
-    started = run(["dvc", "queue", "start", "-j", str(jobs)], repo, **env)
-    assert started.returncode == 0, started.stderr
+    # Not captured: the workers it starts inherit its output, and a worker that lingers would keep a pipe open.
+    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=subprocess_env(**env),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0
     deadline = time.monotonic() + timeout
     states = []
     while time.monotonic() < deadline:
