@@ -52,11 +52,11 @@ def test_a_missing_damaged_or_foreign_file_raises_one_clear_error_of_the_callers
         load_model_file(tmp_path / "none.keras")
     damaged = tmp_path / "damaged.keras"
     damaged.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(MlflowException, match="damaged.keras: not a model this version of cvae_pipeline can load"):
+    with pytest.raises(MlflowException, match=r"damaged\.keras: not a model this version of cvae_pipeline can load"):
         load_model_file(damaged, error=MlflowException)
     other = tmp_path / "other.keras"
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(other)
     with pytest.raises(UserInputError, match="a Sequential, not the CVAE that train writes"):
         load_model_file(other)
-    with pytest.raises(UserInputError, match="does not match model.latent_dim=3"):
+    with pytest.raises(UserInputError, match=r"does not match model\.latent_dim=3"):
         load_trained(path, ModelParams(3, (4, 8), (8, 4)))

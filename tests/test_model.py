@@ -66,5 +66,6 @@ def test_a_model_file_with_code_in_it_is_refused_by_safe_mode(tmp_path):
     inputs = keras.Input((28, 28, 1))
     unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2, name="arbitrary_code")(inputs))
     unsafe.save(tmp_path / "unsafe.keras")
-    with pytest.raises(UserInputError, match=r"unsafe\.keras: not a model this pipeline can load .*safe_mode"):
+    with pytest.raises(UserInputError, match=r"unsafe\.keras: not a model this version of cvae_pipeline can load "
+                                              r".*safe_mode"):
         load_trained(tmp_path / "unsafe.keras", ModelParams(2, (32, 64), (64, 32)))

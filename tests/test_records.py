@@ -293,7 +293,7 @@ DAMAGED = {  # file, how it is damaged, the stage that reads it, what its one li
     "training history": ("reports/train_history.csv", lambda p: p.write_bytes(b"\x00\xff"), "evaluate", "damaged"),
     "training history with a word for a number": ("reports/train_history.csv", word_for_a_number, "visualize",
                                                   "damaged"),
-    "model": ("models/cvae.keras", truncate, "evaluate", "not a model this pipeline can load"),
+    "model": ("models/cvae.keras", truncate, "evaluate", "not a model this version of cvae_pipeline can load"),
 }
 
 
