@@ -8,15 +8,12 @@ already points at its model. `models:/<name>@champion` then loads and serves it.
 """
 
 import argparse
-import logging
 from dataclasses import dataclass
 
 from cvae_pipeline import tracking
 from cvae_pipeline.cli import run_stage
 from cvae_pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from cvae_pipeline.errors import UserInputError
-
-log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 SCORE = "eval_elbo"
