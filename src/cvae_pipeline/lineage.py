@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cvae_pipeline import records, tracking
 from cvae_pipeline.config import DataParams
+from cvae_pipeline.mlflow_store import store_lock, tracking_uri
 
 DATASET_NAME = "mnist_binarized"
 CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
@@ -50,7 +51,10 @@ def log_dataset(path: Path, cfg: DataParams, split: str, model_id: str | None = 
     def log(mlflow) -> None:
         from mlflow.entities import LoggedModelInput
 
-        mlflow.log_input(prepared_dataset(path, split), context=CONTEXTS[split], tags=tags,
-                         model=LoggedModelInput(model_id) if model_id else None)
+        # MLflow creates a dataset the store has not seen; two sweep workers logging it at once race on a SQLite
+        # store (UNIQUE constraint failed: datasets...), so the same lock as the store's first use serializes it.
+        with store_lock(tracking_uri()):
+            mlflow.log_input(prepared_dataset(path, split), context=CONTEXTS[split], tags=tags,
+                             model=LoggedModelInput(model_id) if model_id else None)
 
     tracking.log_with(log)
