@@ -2,7 +2,10 @@
 
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.perf_counter()  # each epoch's elapsed_seconds counts from here: what the user waits for
 
 # This checkout's code, not whichever copy is installed: a DVC experiment runs in its own copy of the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -22,7 +25,7 @@ def main() -> None:
 
     data = load_prepared(args.prepared)
     outputs = TrainOutputs(**{name: Path(getattr(args, name)) for name in OUTPUTS})
-    train_and_track(params, data, outputs, script=Path(__file__))
+    train_and_track(params, data, outputs, script=Path(__file__), started=STARTED)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import params_with
 from cvae_pipeline import devices
 from cvae_pipeline.devices import Gpu, Machine, choose_jit, choose_precision, parse_cpuinfo, replica_batch
-from cvae_pipeline.training import Trainer
+from cvae_pipeline.trainer import Trainer
 
 ZEN3 = Machine("AMD EPYC 7763 64-Core Processor", frozenset({"fpu", "sse2", "avx", "avx2", "fma"}))
 ZEN4 = Machine("AMD EPYC 9654 96-Core Processor", frozenset({"avx2", "avx512f", "avx512_bf16"}))

@@ -41,7 +41,9 @@ TRACKING_DEADLINE_S = 30
 
 
 def timeless(history: pd.DataFrame) -> pd.DataFrame:
-    return history.drop(columns=["epoch_seconds", "images_per_second"])
+    from cvae_pipeline.trainer import TIMING_COLUMNS
+
+    return history.drop(columns=list(TIMING_COLUMNS))
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:

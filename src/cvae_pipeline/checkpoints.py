@@ -5,12 +5,15 @@ variables, the noise generator's state, the epoch, the metrics history, the prog
 Only the training that wrote a checkpoint, interrupted before it finished, may resume it: a fingerprint of the params,
 the data and the code guards against resuming another configuration, and a finished training marks its checkpoint
 so, which makes any later run (`dvc repro -f`, a changed param that does not enter the fingerprint) start afresh.
-A damaged file is never fatal: it is ignored with a warning.
+A damaged file is never fatal: it is ignored with a warning. `Saver` writes each epoch's file on a thread of its own
+while the next epoch trains.
 """
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +97,37 @@ def restore(path: str | Path, key: str) -> Restored | None:
         log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", path,
                     type(error).__name__, error)
         return None
+
+
+class Saver:
+    """Runs each epoch's bookkeeping (write the checkpoint, then log the epoch) on a background thread, in order, one
+    epoch at a time, while the next epoch trains: a write that waits on a busy disk does not stall training. The
+    checkpoint stays whole and atomic (the arrays are copied before the work is handed over, the file is renamed
+    into place once complete); an error surfaces in the training thread at the next epoch or at the end."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self.wait()  # the previous epoch's first: its checkpoint must be on disk before this one replaces it
+        self._pending = self._pool.submit(work)
+
+    def wait(self) -> None:
+        """Until the work handed over is done; raises what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "Saver":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self.wait()
+        except BaseException as failure:
+            if error is None:
+                raise
+            log.warning("the last checkpoint may not have been written (%s: %s)", type(failure).__name__, failure)
+        finally:
+            self._pool.shutdown()

@@ -19,7 +19,8 @@ from cvae_pipeline.config import Params
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import atomic_path
 
-HEADLINE = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy", "train_seconds"]
+HEADLINE = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy", "epoch_to_quality",
+            "seconds_to_quality", "train_seconds"]
 
 
 def param_keys(cls: type = Params, prefix: str = "") -> list[str]:

@@ -21,6 +21,9 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 KL_MODES = ("analytic", "monte_carlo")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+SCHEDULES = ("constant", "cosine")
+# Not a param: the tutorial's published test ELBO (2020 edition, 100 epochs), the quality a recipe is timed to reach.
+TUTORIAL_ELBO = -78.3
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class TrainParams:
     epochs: int = param(integer(1))
     batch_size: int = param(integer(1))
     learning_rate: float = param(number(0.0))
+    schedule: str = param(choice(*SCHEDULES))
+    warmup_epochs: int = param(integer(0))
+    final_learning_rate: float = param(number(0.0, low_inclusive=True))
     kl: str = param(choice(*KL_MODES))
     beta: float = param(number(0.0, low_inclusive=True))
     precision: str = param(choice(*PRECISIONS))
@@ -112,6 +118,16 @@ class TrainParams:
     steps_per_call: int = param(integer(1))
     strategy: str = param(choice(*STRATEGIES))
     eval_limit: int | None = param(integer(1, optional=True))
+
+
+    def check(self, where: str) -> None:
+        """What no single key's rule can see: the schedule's keys against each other."""
+        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ParamsError(f"{where}: train.warmup_epochs must be less than train.epochs ({self.epochs}) for "
+                              f"the cosine schedule to decay, got {self.warmup_epochs}")
+        if self.schedule == "cosine" and self.final_learning_rate > self.learning_rate:
+            raise ParamsError(f"{where}: train.final_learning_rate must be at most train.learning_rate "
+                              f"({self.learning_rate:g}), got {self.final_learning_rate:g}")
 
 
 @dataclass(frozen=True)
@@ -226,7 +242,9 @@ def parse_params(text: str, where: str = DEFAULT_PARAMS_FILE) -> Params:
     if raw is None:
         sections = ", ".join(f.name for f in dataclasses.fields(Params))
         raise ParamsError(f"{where}: the file is empty; expected the keys {sections}")
-    return _build(Params, raw, where, "")
+    params = _build(Params, raw, where, "")
+    params.train.check(where)
+    return params
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:

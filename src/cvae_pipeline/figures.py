@@ -13,7 +13,7 @@ from matplotlib.figure import Figure  # not pyplot: no backend, no global state,
 from PIL import Image, ImageDraw
 
 from cvae_pipeline import records, tracking
-from cvae_pipeline.config import Params, VisualizeParams
+from cvae_pipeline.config import TUTORIAL_ELBO, Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
@@ -131,7 +131,13 @@ def training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
+    axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":", label=f"the tutorial's {TUTORIAL_ELBO} (100 epochs)")
     axes[0].legend()
+    if "learning_rate" in history:  # the step size beside the curve it shapes
+        rate = axes[0].twinx()
+        rate.plot(history["epoch"], history["learning_rate"], color="tab:gray", alpha=0.5, linewidth=1)
+        rate.set_ylabel("learning rate (gray)")
+        rate.set_ylim(bottom=0)
     figure.tight_layout()
     _save(figure, path)
 

@@ -26,8 +26,7 @@ def load_model_file(path: str | Path, error: type[Exception] = UserInputError) -
                     f"{problem}); run `dvc repro train` to write it again") from None
     if not isinstance(saved, CVAE):
         raise error(f"{path}: a {type(saved).__name__}, not the CVAE that train writes; run `dvc repro train`")
-    keras.mixed_precision.set_dtype_policy("float32")
-    model = build_cvae(ModelParams(saved.latent_dim, saved.encoder_filters, saved.decoder_filters))
+    model = build_cvae(ModelParams(saved.latent_dim, saved.encoder_filters, saved.decoder_filters), "float32")
     model.set_weights(saved.get_weights())
     return model
 

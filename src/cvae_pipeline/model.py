@@ -71,8 +71,15 @@ class CVAE(keras.Model):
         }
 
 
-def build_cvae(cfg: ModelParams) -> CVAE:
-    """The model for `cfg`, with its weights created (so it can be counted, saved and restored at once)."""
-    model = CVAE(cfg.latent_dim, cfg.encoder_filters, cfg.decoder_filters, name="cvae")
-    model.build((None, *IMAGE_SHAPE))
+def build_cvae(cfg: ModelParams, dtype_policy: str | None = None) -> CVAE:
+    """The model for `cfg`, with its weights created (so it can be counted, saved and restored at once).
+    `dtype_policy`: its layers' precision (`float32`, `mixed_bfloat16`...); by default Keras' global policy."""
+    previous = keras.mixed_precision.dtype_policy()
+    if dtype_policy is not None:
+        keras.mixed_precision.set_dtype_policy(dtype_policy)
+    try:
+        model = CVAE(cfg.latent_dim, cfg.encoder_filters, cfg.decoder_filters, name="cvae")
+        model.build((None, *IMAGE_SHAPE))
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
     return model

@@ -240,19 +240,22 @@ def log_missing_epochs(history: list[dict]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None,
-                once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
+                once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None,
+                run_id: str | None = None) -> None:
     """All of them, and `tags`, in one batched call (one transaction): a kill leaves all or none of them.
     `once`: leave out the metrics that the run already holds (a repeated stage logs no second point).
-    `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data scored."""
+    `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data scored.
+    `run_id`: the run to log to, from a thread other than the one that opened it (MLflow's active run is per thread);
+    by default, the active run."""
     def log(mlflow) -> None:
         from mlflow.entities import Metric, RunTag
 
         client = mlflow.MlflowClient()
-        run_id = mlflow.active_run().info.run_id
-        held = client.get_run(run_id).data.metrics if once else {}
+        target = run_id or mlflow.active_run().info.run_id
+        held = client.get_run(target).data.metrics if once else {}
         now = int(time.time() * 1000)
         name, digest = dataset or (None, None)
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0, model_id=model_id,
+        client.log_batch(target, metrics=[Metric(key, float(value), now, step or 0, model_id=model_id,
                                                  dataset_name=name, dataset_digest=digest)
                                           for key, value in metrics.items() if key not in held],
                          tags=[RunTag(key, value) for key, value in (tags or {}).items()])

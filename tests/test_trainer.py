@@ -1,6 +1,7 @@
 """The training loop in-process: it learns, it is deterministic, it resumes exactly, it stops on NaN."""
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import tensorflow as tf
 
 from conftest import params_with
 from cvae_pipeline.errors import TrainingError
-from cvae_pipeline.training import Trainer, final_metrics
+from cvae_pipeline.trainer import TIMING_COLUMNS, Trainer
+from cvae_pipeline.training import final_metrics
 
 FAST = {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2, "eval_limit": None}
 
@@ -30,8 +32,7 @@ def test_one_epoch_on_512_images_lowers_the_loss(small_data):
 def first_step_loss(data, **train) -> float:
     """The loss of the first optimizer step (computed before its update), same seed: same weights, batch, noise."""
     trainer = Trainer(small_params(precision="float32", **train), data)
-    iterator = iter(trainer.strategy.experimental_distribute_dataset(trainer.epoch_batches(1)))
-    return float(trainer._train_steps(iterator, tf.constant(1))[0])
+    return float(trainer._train_steps(trainer.batches(1, 1), tf.constant(1))[0])
 
 
 def test_the_loss_trained_on_weights_the_kl_by_beta_and_estimates_it_as_train_kl_says(small_data):
@@ -50,7 +51,7 @@ def test_the_loss_trained_on_weights_the_kl_by_beta_and_estimates_it_as_train_kl
 
 
 def timeless(history):
-    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")} for row in history]
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in history]
 
 
 def train_fresh(params, data, checkpoint):
@@ -118,12 +119,16 @@ def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
 
 def test_final_metrics_summarize_the_history():
     history = [{"epoch": 1, "train_loss": 9.0, "test_elbo": -9.0, "test_reconstruction": 7.0, "test_kl": 2.0,
-                "epoch_seconds": 2.0, "images_per_second": 100.0},
+                "epoch_seconds": 2.0, "images_per_second": 100.0, "elapsed_seconds": 6.5},
                {"epoch": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
-                "epoch_seconds": 3.0, "images_per_second": 300.0}]
+                "epoch_seconds": 3.0, "images_per_second": 300.0, "elapsed_seconds": 10.0}]
     final = final_metrics(history)
     assert final == {"epochs": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
-                     "train_seconds": 5.0, "images_per_second": 200.0}
+                     "train_seconds": 5.0, "elapsed_seconds": 10.0, "images_per_second": 200.0,
+                     "epoch_to_quality": 1, "seconds_to_quality": 6.5}  # -9.0 is already better than -78.3
+    slow = [{**row, "test_elbo": elbo} for row, elbo in zip(history, (-80.0, -78.3), strict=True)]
+    assert final_metrics(slow)["epoch_to_quality"] == 2 and final_metrics(slow)["seconds_to_quality"] == 10.0
+    assert "epoch_to_quality" not in final_metrics(slow[:1])  # not reached: absent, not a made-up number
 
 
 def test_steps_per_call_changes_the_loop_not_the_numbers(small_data, tmp_path):
@@ -159,3 +164,102 @@ def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad)
     with pytest.raises(TrainingError, match=rf"loss is {re.escape(str(np.float32(bad)))} at epoch 3, step 7;"):
         trainer.train_epoch(3)
     assert len(calls) == 2  # stopped at once, not at the end of the epoch
+
+
+# --- issue 16: float32 scoring, the schedule, the background checkpoint ---------------------------------------------
+
+def test_the_test_set_is_scored_in_float32_whatever_the_training_precision(small_data):
+    from cvae_pipeline.losses import elbo_terms
+    from cvae_pipeline.model import build_cvae
+
+    trainer = Trainer(small_params(precision="mixed_bfloat16"), small_data)
+    trainer.train_epoch(1)
+    scored = trainer.evaluate()
+    float32 = build_cvae(trainer.params.model, "float32")
+    float32.set_weights(trainer.model.get_weights())
+    images = tf.constant(trainer.eval_images.astype(np.float32))
+    reconstruction, kl = elbo_terms(float32, images, trainer.eval_noise)
+    expected = -float(tf.reduce_mean(reconstruction + kl))
+    assert scored["test_elbo"] == pytest.approx(expected, abs=1e-4)
+    reconstruction, kl = elbo_terms(trainer.model, images, trainer.eval_noise)  # what bfloat16 would have said
+    assert abs(-float(tf.reduce_mean(reconstruction + kl)) - expected) > 1e-3
+    assert scored["eval_seconds"] > 0
+
+
+def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoch(small_data, tmp_path):
+    from cvae_pipeline.optimization import learning_rate
+
+    cfg = small_params(schedule="cosine", epochs=4, warmup_epochs=1, learning_rate=2e-3,
+                       final_learning_rate=1e-4).train
+    schedule = learning_rate(cfg, steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in range(41)]
+    assert rates[0] == 0 and rates[10] == pytest.approx(2e-3) and rates[40] == pytest.approx(1e-4)
+    assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
+    assert learning_rate(small_params(schedule="constant").train, 10) == FAST["learning_rate"]
+
+    _, state = train_fresh(small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=1e-5),
+                           small_data, tmp_path / "c.npz")
+    logged = [row["learning_rate"] for row in state.history]
+    assert logged[0] == pytest.approx(FAST["learning_rate"])  # the end of the warm-up: the peak
+    assert logged[2] == pytest.approx(1e-5)  # the last step: the floor
+    assert logged[0] > logged[1] > logged[2]
+
+
+def test_a_run_resumed_mid_schedule_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
+    params = small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=0)
+    whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_epoch_1(epoch, metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    broken = Trainer(params, small_data)
+    with pytest.raises(Interrupted):
+        broken.fit(broken.restore_checkpoint(tmp_path / "resumed.npz"), tmp_path / "resumed.npz",
+                   on_epoch=stop_after_epoch_1)
+    resumed = Trainer(params, small_data)
+    state = resumed.fit(resumed.restore_checkpoint(tmp_path / "resumed.npz"), tmp_path / "resumed.npz")
+    assert timeless(state.history) == timeless(whole_state.history)
+    assert [row["epoch"] for row in state.history] == [1, 2, 3]
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path, monkeypatch):
+    from cvae_pipeline import checkpoints
+
+    next_epoch_started = threading.Event()
+    original_train_epoch, original_save = Trainer.train_epoch, checkpoints.save
+
+    def train_epoch(self, epoch, batches=None):
+        if epoch == 2:
+            next_epoch_started.set()
+        return original_train_epoch(self, epoch, batches)
+
+    def save(path, key, state, *arrays):
+        if state.epoch == 1:  # a slow disk: epoch 1's write finishes only once epoch 2 is training
+            assert next_epoch_started.wait(60), "training waited for the checkpoint"
+        original_save(path, key, state, *arrays)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(checkpoints, "save", save)
+    trainer, state = train_fresh(small_params(epochs=2), small_data, tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as saved:  # fit returns once the last epoch's checkpoint is on disk
+        assert int(saved["epoch"]) == 2
+        np.testing.assert_array_equal(saved["model_000"], trainer.model.get_weights()[0])
+    elapsed = [row["elapsed_seconds"] for row in state.history]
+    assert 0 < elapsed[0] < elapsed[1]
+
+
+def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, monkeypatch):
+    from cvae_pipeline import checkpoints
+
+    def save(path, key, state, *arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save", save)
+    with pytest.raises(OSError, match="No space left"):
+        train_fresh(small_params(epochs=3), small_data, tmp_path / "c.npz")

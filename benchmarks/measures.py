@@ -1,0 +1,213 @@
+"""What `make bench` measures, each function run in a fresh process by `run.py` (`--measure NAME`), printing JSON.
+
+Two kinds of speed: the training loop's throughput (windows of images inside one process, after a warm-up), and
+the wall clock of the whole train stage as a user waits for it (`stage`: the real `stages/train.py`, from scratch,
+with its checkpoints, MLflow logging and scoring), beside the yardstick's whole script (`reference_stage`).
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "bench" / "reference_cvae.py"
+PATHS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]  # dvc.yaml: the paths' one source
+PREPARED = ROOT / PATHS["prepared"]
+WINDOW_IMAGES = 12_000
+WINDOWS = 5
+
+
+def python(*args: str, timeout: float = 3600, env: dict | None = None) -> str:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def params_raw(**train) -> dict:
+    """params.yaml as a mapping, with some `train` keys replaced."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(train)
+    return raw
+
+
+def params_with(**train):
+    from cvae_pipeline.config import parse_params
+
+    return parse_params(yaml.safe_dump(params_raw(**train)))
+
+
+def peak() -> dict:
+    """Matrix-product GFLOP/s in float32 and bfloat16: what the hardware offers."""
+    import tensorflow as tf
+
+    result = {}
+    for dtype in ("float32", "bfloat16"):
+        a = tf.cast(tf.random.normal((2048, 2048), dtype=tf.float32), dtype)
+        product = tf.function(lambda x: tf.matmul(x, x))
+        product(a).numpy()
+        rates = []
+        for _ in range(WINDOWS):
+            started = time.perf_counter()
+            for _ in range(10):
+                out = product(a)
+            out.numpy()
+            rates.append(10 * 2 * 2048**3 / (time.perf_counter() - started) / 1e9)
+        result[dtype] = statistics.median(rates)
+    return result
+
+
+def project(overrides: dict) -> dict:
+    """The training loop's throughput: windows of WINDOW_IMAGES after a warm-up epoch."""
+    from cvae_pipeline.data import PreparedData, Split, load_prepared
+    from cvae_pipeline.trainer import Trainer
+
+    data = load_prepared(PREPARED)
+    subset = PreparedData(Split(data.train.images[:WINDOW_IMAGES], data.train.labels[:WINDOW_IMAGES]), data.test)
+    trainer = Trainer(params_with(**overrides), subset)
+    trainer.train_epoch(1)  # warm-up: tracing, allocation
+    rates = [trainer.train_epoch(epoch)["images_per_second"] for epoch in range(2, 2 + WINDOWS)]
+    return {"images_per_second": statistics.median(rates), "windows": rates}
+
+
+def reference() -> dict:
+    """The yardstick's in-epoch throughput over the same windows."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "reference.json"
+        python(str(REFERENCE), "--epochs", str(WINDOWS + 1), "--train-limit", str(WINDOW_IMAGES), "--json", str(out))
+        history = json.loads(out.read_text())["history"]
+    rates = [row["images_per_s"] for row in history[1:]]
+    return {"images_per_second": statistics.median(rates), "windows": rates}
+
+
+def stage(config: dict) -> dict:
+    """The real train stage (`stages/train.py`) in a fresh process, from scratch, with its own MLflow store, on the
+    whole prepared training set: its wall clock from launch to exit, and its history (per-epoch timings)."""
+    import pandas as pd
+
+    overrides, epochs = config["train"], config["epochs"]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params_raw(**overrides, epochs=epochs)))
+        outputs = {"model": "cvae.keras", "history": "history.csv", "metrics": "metrics.json",
+                   "progress": "progress.npz", "run": "run.json", "checkpoint": "checkpoint.npz"}
+        arguments = [f"--{name}={folder / file}" for name, file in outputs.items()]
+        started = time.perf_counter()
+        python("stages/train.py", f"--params={folder / 'params.yaml'}", f"--prepared={PREPARED}", *arguments,
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+        seconds = time.perf_counter() - started
+        history = pd.read_csv(folder / "history.csv").to_dict("records")
+    return {"seconds": seconds, "epochs": epochs, "history": history}
+
+
+def reference_stage(config: dict) -> dict:
+    """The yardstick's whole script for `epochs` epochs on the whole training set: launch to exit."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "reference.json"
+        started = time.perf_counter()
+        python(str(REFERENCE), "--epochs", str(config["epochs"]), "--json", str(out))
+        seconds = time.perf_counter() - started
+        history = json.loads(out.read_text())["history"]
+    return {"seconds": seconds, "epochs": config["epochs"], "history": history}
+
+
+def iwae(config: dict) -> dict:
+    """The evaluate stage's scoring (ELBO and IWAE with `k`) of the test set, by an untrained model."""
+    from cvae_pipeline.config import EvaluateParams
+    from cvae_pipeline.data import load_prepared
+    from cvae_pipeline.evaluation import Evaluator
+    from cvae_pipeline.model import build_cvae
+
+    params = params_with()
+    cfg = EvaluateParams(**{**params.evaluate.__dict__, "iwae_k": config.get("k", params.evaluate.iwae_k)})
+    images = load_prepared(PREPARED).test.images[: config.get("images")]
+    started = time.perf_counter()
+    Evaluator(build_cvae(params.model, "float32"), cfg, params.seed).evaluate(images)
+    return {"seconds": time.perf_counter() - started, "k": cfg.iwae_k, "images": len(images)}
+
+
+def mlflow() -> dict:
+    """Per-epoch metric logging and the one-time logging of a run, into a fresh SQLite store."""
+    import numpy as np
+
+    from cvae_pipeline import tracking
+    from cvae_pipeline.model import build_cvae
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
+        params = params_with()
+        started = time.perf_counter()
+        with tracking.active_run(params.tracking):
+            tracking.log_params(params)
+            setup = time.perf_counter() - started
+            epoch_costs = []
+            for step in range(1, 21):
+                began = time.perf_counter()
+                tracking.log_metrics({name: float(step) for name in ("train_loss", "epoch_seconds", "eval_seconds",
+                                     "images_per_second", "test_elbo", "test_reconstruction", "test_kl",
+                                     "learning_rate", "elapsed_seconds")}, step)
+                epoch_costs.append(time.perf_counter() - began)
+            model_file = Path(folder) / "model.keras"
+            build_cvae(params.model).save(model_file)
+            began = time.perf_counter()
+            from cvae_pipeline.training import log_model
+
+            log_model(model_file, np.zeros((2, 28, 28, 1), np.float32))
+            model_seconds = time.perf_counter() - began
+    return {"setup_seconds": setup, "per_epoch_seconds": statistics.median(epoch_costs),
+            "model_seconds": model_seconds}
+
+
+def startup() -> dict:
+    """Seconds from process start to a stage's libraries loaded (what every stage pays before its work)."""
+    imports = {"prepare": "cvae_pipeline.data", "train": "cvae_pipeline.training",
+               "evaluate": "cvae_pipeline.evaluation", "visualize": "cvae_pipeline.figures"}
+    result = {}
+    for name, module in imports.items():
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            python("-c", f"import {module}")
+            times.append(time.perf_counter() - began)
+        result[name] = statistics.median(times)
+    return result
+
+
+def noop_repro() -> dict:
+    status = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode or json.loads(status.stdout or "{}"):
+        return {"seconds": None, "note": "pipeline not up to date: run `make repro` first"}
+    times = []
+    for _ in range(3):
+        began = time.perf_counter()
+        subprocess.run(["dvc", "repro"], cwd=ROOT, capture_output=True, check=True)
+        times.append(time.perf_counter() - began)
+    return {"seconds": statistics.median(times)}
+
+
+def machine() -> dict:
+    """The devices, and what `auto` makes of them (as the train stage decides it)."""
+    from importlib.metadata import version
+
+    from cvae_pipeline import devices
+
+    found = devices.detect()
+    precision = devices.choose_precision("auto", found)
+    return {"device": found.describe(), "cpu": found.cpu_model, "cpu_flags": found.shown_cpu_flags,
+            "gpus": [gpu.name for gpu in found.gpus], "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": version("tensorflow"), "auto_precision": precision.value,
+            "auto_precision_reason": precision.reason, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+MEASURES = {"machine": machine, "peak": peak, "project": project, "reference": reference, "stage": stage,
+            "reference_stage": reference_stage, "iwae": iwae, "mlflow": mlflow}
+WITH_CONFIG = {"project", "stage", "reference_stage", "iwae"}
