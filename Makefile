@@ -113,7 +113,8 @@ promote: $(STAMP)
 sample: $(STAMP)
 	python -m cvae_pipeline.sampling $(if $(MODEL),'$(MODEL)') --count $(N) --seed $(SEED) --out '$(OUT)' --manifold $(MANIFOLD)
 
-# Minutes: see benchmarks/run.py. BENCH_FLAGS=--quick skips time to quality and the full IWAE.
+# About half an hour: see benchmarks/run.py. BENCH_FLAGS=--quick (one stage repetition, no time to quality, no
+# IWAE) or --precisions (the default against float32 and mixed_bfloat16 only: a few minutes).
 bench: $(STAMP)
 	python benchmarks/run.py $(BENCH_FLAGS)
 

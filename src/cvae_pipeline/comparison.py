@@ -42,10 +42,15 @@ def experiments_table(rows: list[dict]) -> pd.DataFrame:
     table = table[(table["rev"] != "workspace") & table["elbo"].notna()].copy()
     table.insert(0, "experiment", table["Experiment"].fillna(table["rev"]))
     params = [key for key in param_keys() if key in table]
+    for column in table.columns.difference([*params, "experiment", "Experiment", "rev", "typ", "Created", "parent",
+                                           "State", "Executor"]):
+        # A metric that some rows lack (an older commit's, or `seconds_to_quality` of a run that never reached
+        # the tutorial's ELBO) comes as None there: numbers all the same, the gaps empty.
+        table[column] = pd.to_numeric(table[column], errors="coerce")
     metrics = [column for column in table.columns
                if column not in params and column not in ("experiment", "Experiment", "rev", "typ", "Created",
                                                           "parent", "State", "Executor")
-               and pd.api.types.is_numeric_dtype(table[column])]
+               and table[column].notna().any()]
     table = table[["experiment", "rev", *params, *metrics]]
     for key in params:
         table[key] = table[key].map(_as_in_params_file)

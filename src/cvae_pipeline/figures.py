@@ -132,7 +132,10 @@ def training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
     axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":", label=f"the tutorial's {TUTORIAL_ELBO} (100 epochs)")
-    axes[0].legend()
+    if len(history) > 2:  # the first epoch's loss dwarfs the rest: show the curves from the second on
+        later = pd.concat([history["train_loss"], -history["test_elbo"]])[history["epoch"].gt(1).tolist() * 2]
+        axes[0].set_ylim(min(later.min(), -TUTORIAL_ELBO) - 1, later.max() + 1)
+    axes[0].legend(loc="center right")
     if "learning_rate" in history:  # the step size beside the curve it shapes
         rate = axes[0].twinx()
         rate.plot(history["epoch"], history["learning_rate"], color="tab:gray", alpha=0.5, linewidth=1)

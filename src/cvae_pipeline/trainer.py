@@ -157,8 +157,8 @@ class Trainer:
         configured), each epoch's order a function of (seed, epoch) only, so a resumed run sees the same batches.
 
         One iterator for the whole training, without tf.data's autotuning (there is nothing to tune in batching
-        indices): measured here, deleting an autotuned iterator blocked for 0 to 11 s at random, and with one
-        iterator an epoch that was 4 to 7 s between every two epochs, a third of an epoch."""
+        indices): measured here, deleting an autotuned iterator took 0 to 11 s at random; with one such iterator an
+        epoch, that was 4 to 7 s between every two epochs, a third of an epoch."""
         count, seed = len(self.train_images), self.params.seed
 
         def epoch_batches(epoch):
