@@ -113,8 +113,8 @@ promote: $(STAMP)
 sample: $(STAMP)
 	python -m cvae_pipeline.sampling $(if $(MODEL),'$(MODEL)') --count $(N) --seed $(SEED) --out '$(OUT)' --manifold $(MANIFOLD)
 
-# About half an hour: see benchmarks/run.py. BENCH_FLAGS=--quick (one stage repetition, no time to quality, no
-# IWAE) or --precisions (the default against float32 and mixed_bfloat16 only: a few minutes).
+# About 40 minutes: see benchmarks/run.py. BENCH_FLAGS=--quick (the wall clock alone: one stage repetition and time
+# to quality, about 15 minutes) or --precisions (the default against float32 and mixed_bfloat16 only: a few minutes).
 bench: $(STAMP)
 	python benchmarks/run.py $(BENCH_FLAGS)
 

@@ -8,6 +8,7 @@ with its checkpoints, MLflow logging and scoring), beside the yardstick's whole 
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -183,13 +184,14 @@ def startup() -> dict:
 
 
 def noop_repro() -> dict:
-    status = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    dvc = shutil.which("dvc", path=Path(sys.executable).parent) or "dvc"  # this environment's, activated or not
+    status = subprocess.run([dvc, "status", "--json"], cwd=ROOT, capture_output=True, text=True)
     if status.returncode or json.loads(status.stdout or "{}"):
         return {"seconds": None, "note": "pipeline not up to date: run `make repro` first"}
     times = []
     for _ in range(3):
         began = time.perf_counter()
-        subprocess.run(["dvc", "repro"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run([dvc, "repro"], cwd=ROOT, capture_output=True, check=True)
         times.append(time.perf_counter() - began)
     return {"seconds": statistics.median(times)}
 

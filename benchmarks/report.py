@@ -37,6 +37,8 @@ def header(results: dict, summary: dict) -> list[str]:
 
 
 def throughput(results: dict, summary: dict) -> list[str]:
+    if not summary["images_per_second"]:
+        return []
     m, peak = results["machine"], results["peak"]
     lines = ["## Inside an epoch: the training loop's throughput", "",
              "Medians of 5 windows of 12,000 training images after a warm-up, each configuration in a fresh process.",
@@ -61,13 +63,15 @@ def stages(results: dict, summary: dict) -> list[str]:
     if "stages" not in summary:
         return []
     m = results["machine"]
-    repetitions = sum(run["epochs"] == 1 for run in next(iter(results["stages"].values())))
+    short, long = sorted({run["epochs"] for run in next(iter(results["stages"].values()))})
+    repetitions = sum(run["epochs"] == short for run in next(iter(results["stages"].values())))
     lines = ["## By the wall clock: the whole train stage", "",
-             "Per epoch: (3-epoch run - 1-epoch run) / 2, both from scratch on the 60,000 training images, launch to "
-             f"exit, median of {repetitions} repetition(s): the project's `stages/train.py` (checkpoint after every "
-             "epoch, MLflow logging, progress grid, the test set scored in float32) against the yardstick's whole "
-             "script (which scores its 10,000 test images every epoch). *Between epochs*: the share of an epoch, "
-             "from the stage's own history, that is neither training nor scoring (median and worst).", "",
+             f"Per epoch: ({long}-epoch run - {short}-epoch run) / {long - short}, both from scratch on the 60,000 "
+             f"training images, launch to exit, median of {repetitions} repetition(s): the project's "
+             "`stages/train.py` (checkpoint after every epoch, MLflow logging, progress grid, the test set scored in "
+             "float32) against the yardstick's whole script (which scores its 10,000 test images every epoch). "
+             "*Between epochs*: the share of an epoch, from the stage's own history, that is neither training nor "
+             "scoring (median and worst).", "",
              "| train stage | precision | s an epoch | scoring the test set | between epochs | vs yardstick |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     reference = summary.get("reference_epoch_seconds")
