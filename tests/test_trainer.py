@@ -12,7 +12,7 @@ from cvae_pipeline.errors import TrainingError
 from cvae_pipeline.trainer import TIMING_COLUMNS, Trainer
 from cvae_pipeline.training import final_metrics
 
-FAST = {"batch_size": 32, "learning_rate": 1e-3, "epochs": 2, "eval_limit": None}
+FAST = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "epochs": 2, "eval_limit": None}
 
 
 def small_params(**train):
@@ -196,6 +196,12 @@ def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoc
     assert rates[0] == 0 and rates[10] == pytest.approx(2e-3) and rates[40] == pytest.approx(1e-4)
     assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
     assert learning_rate(small_params(schedule="constant").train, 10) == FAST["learning_rate"]
+    # A warm-up as long as training (a quick `-S train.epochs=1` of the default) is cut to all epochs but the last.
+    short = learning_rate(small_params(schedule="cosine", epochs=2, warmup_epochs=5, learning_rate=2e-3,
+                                       final_learning_rate=0).train, steps_per_epoch=10)
+    assert float(short(0)) == 0 and float(short(10)) == pytest.approx(2e-3) and float(short(20)) == pytest.approx(0)
+    single = learning_rate(small_params(schedule="cosine", epochs=1, warmup_epochs=1).train, steps_per_epoch=10)
+    assert float(single(0)) == pytest.approx(FAST["learning_rate"]) and float(single(10)) == pytest.approx(0)
 
     _, state = train_fresh(small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=1e-5),
                            small_data, tmp_path / "c.npz")

@@ -121,10 +121,7 @@ class TrainParams:
 
 
     def check(self, where: str) -> None:
-        """What no single key's rule can see: the schedule's keys against each other."""
-        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
-            raise ParamsError(f"{where}: train.warmup_epochs must be less than train.epochs ({self.epochs}) for "
-                              f"the cosine schedule to decay, got {self.warmup_epochs}")
+        """What no single key's rule can see: the schedule's floor against its peak."""
         if self.schedule == "cosine" and self.final_learning_rate > self.learning_rate:
             raise ParamsError(f"{where}: train.final_learning_rate must be at most train.learning_rate "
                               f"({self.learning_rate:g}), got {self.final_learning_rate:g}")

@@ -7,14 +7,16 @@ from cvae_pipeline.config import TrainParams
 
 def learning_rate(cfg: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """`constant`: `cfg.learning_rate` throughout. `cosine`: a linear warm-up from 0 to `cfg.learning_rate` over
-    `cfg.warmup_epochs`, then a cosine decay that reaches `cfg.final_learning_rate` at the last configured step.
+    `cfg.warmup_epochs` (at most all epochs but the last: `-S train.epochs=1` for a quick run still decays), then a
+    cosine decay that reaches `cfg.final_learning_rate` at the last configured step.
     A function of the optimizer's step count, which the checkpoint holds: a resumed run continues on the curve."""
     if cfg.schedule == "constant":
         return cfg.learning_rate
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    warmup_epochs = min(cfg.warmup_epochs, cfg.epochs - 1)
+    warmup_steps = warmup_epochs * steps_per_epoch
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_steps else cfg.learning_rate,
-        decay_steps=(cfg.epochs - cfg.warmup_epochs) * steps_per_epoch,
+        decay_steps=(cfg.epochs - warmup_epochs) * steps_per_epoch,
         alpha=cfg.final_learning_rate / cfg.learning_rate,  # Keras' floor, as a fraction of the peak
         warmup_target=cfg.learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
