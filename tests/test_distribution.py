@@ -41,7 +41,7 @@ if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many ima
     count = int(os.environ["ONE_SGD_STEP"])
     data = PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test)
     params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": count, "learning_rate": 1e-3,
-                         "strategy": sys.argv[1], "precision": "float32"}})
+                         "schedule": "constant", "strategy": sys.argv[1], "precision": "float32"}})
     trainer = Trainer(params, data)
     before = [variable.numpy() for variable in trainer.model.trainable_variables]
     trainer.train_epoch(1)
@@ -50,7 +50,7 @@ if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many ima
     print("RESULT", json.dumps({{"step": float(step), "replicas": trainer.strategy.num_replicas_in_sync}}))
     sys.exit()
 params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.environ.get("BATCH", 32)),
-                     "learning_rate": 1e-3, "epochs": {epochs},
+                     "learning_rate": 1e-3, "schedule": "constant", "epochs": {epochs},
                      "strategy": sys.argv[1], "precision": "float32"}})
 trainer = Trainer(params, data)
 curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
