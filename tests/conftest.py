@@ -270,3 +270,10 @@ def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarr
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "/code/cvae_pipeline/__init__.py" in loaded.stdout, loaded.stdout  # the model's own copy of the code
     return np.load(folder / "outputs.npy")
+
+
+def timeless(history):
+    """A training history (pandas.DataFrame) without its timing columns: what a seed fixes on one machine."""
+    from cvae_pipeline.trainer import TIMING_COLUMNS
+
+    return history.drop(columns=list(TIMING_COLUMNS))

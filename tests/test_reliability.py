@@ -31,6 +31,7 @@ from conftest import (
     snapshot,
     stage_commands,
     subprocess_env,
+    timeless,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
@@ -38,12 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 KILLS = 5
 KILL_EPOCHS = 30
 TRACKING_DEADLINE_S = 30
-
-
-def timeless(history: pd.DataFrame) -> pd.DataFrame:
-    from cvae_pipeline.trainer import TIMING_COLUMNS
-
-    return history.drop(columns=list(TIMING_COLUMNS))
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -11,18 +11,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, kill_training_once_checkpointed, predict_in_fresh_process, run, runs_in, setup_copy
+from conftest import (
+    TINY,
+    kill_training_once_checkpointed,
+    predict_in_fresh_process,
+    run,
+    runs_in,
+    setup_copy,
+    timeless,
+)
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.inference import load_trained, reconstruct
 from cvae_pipeline.model import CVAE
 
 pytestmark = pytest.mark.slow
-
-def timeless(history: pd.DataFrame) -> pd.DataFrame:
-    from cvae_pipeline.trainer import TIMING_COLUMNS
-
-    return history.drop(columns=list(TIMING_COLUMNS))
-
 
 def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist, tmp_path):
     env = setup_copy(repo_copy, fake_mnist)
