@@ -38,14 +38,16 @@ def test_active_units_count_dimensions_whose_mean_varies():
 
 def test_the_scoring_decoder_is_the_decoder():
     model = build_cvae(ModelParams(4, (4, 8), (8, 4)))
+    decoder = ScoringDecoder(model)
     output = model.decoder.get_layer("decoder_logits")
     rng = np.random.default_rng(0)
-    # An asymmetric kernel and a bias: a kernel left unflipped, or a bias dropped, would show.
+    # Weights set after the decoder was made, as training changes them: an asymmetric kernel and a bias, so that a
+    # kernel left unflipped, a bias dropped or a copy of the old weights would show.
     output.kernel.assign(rng.normal(0, 0.5, output.kernel.shape))
     output.bias.assign([0.7])
     latent = rng.normal(0, 1, (5, 4)).astype(np.float32)
 
-    scored = ScoringDecoder(model)(latent).numpy()
+    scored = decoder(latent).numpy()
 
     assert scored.dtype == np.float32 and scored.shape == (5, 28, 28, 1)
     np.testing.assert_allclose(scored, model.decode(latent).numpy(), atol=1e-5)

@@ -50,21 +50,19 @@ class ScoringDecoder:
 
     def __init__(self, model: CVAE):
         *self.hidden, self.output = model.decoder.layers
-        # A stride-1 "same" transposed convolution is the convolution with the kernel flipped in space; its kernel
-        # (height, width, out=1, in) becomes the depthwise kernel (height, width, in, multiplier=1).
-        kernel = keras.ops.convert_to_tensor(self.output.kernel)
-        self.depthwise_kernel = tf.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-        self.bias = keras.ops.convert_to_tensor(self.output.bias)
 
     def __call__(self, latent):
-        """Bernoulli logits (batch, 28, 28, 1), float32."""
+        """Bernoulli logits (batch, 28, 28, 1), float32, from the layers' current weights."""
         hidden = latent
         for layer in self.hidden:
             hidden = layer(hidden)
-        per_channel = tf.nn.depthwise_conv2d(hidden, tf.cast(self.depthwise_kernel, hidden.dtype), [1, 1, 1, 1],
+        # A stride-1 "same" transposed convolution is the convolution with the kernel flipped in space; its kernel
+        # (height, width, out=1, in) becomes the depthwise kernel (height, width, in, multiplier=1).
+        kernel = tf.cast(keras.ops.convert_to_tensor(self.output.kernel), hidden.dtype)
+        per_channel = tf.nn.depthwise_conv2d(hidden, tf.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), [1, 1, 1, 1],
                                              "SAME")
-        return tf.cast(tf.reduce_sum(per_channel, axis=-1, keepdims=True) + tf.cast(self.bias, hidden.dtype),
-                       tf.float32)
+        bias = tf.cast(keras.ops.convert_to_tensor(self.output.bias), hidden.dtype)
+        return tf.cast(tf.reduce_sum(per_channel, axis=-1, keepdims=True) + bias, tf.float32)
 
 
 class Evaluator:
