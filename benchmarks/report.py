@@ -82,6 +82,11 @@ def stages(results: dict, summary: dict) -> list[str]:
         lines.append(f"| {name} | {precision_of(name, m)} | {row['epoch_seconds']:.1f} | "
                      f"{row['scoring_seconds']:.2f} s | {row['between_epochs_median']:.2%} (worst "
                      f"{row['between_epochs_max']:.2%}) | {ratio} |")
+    spreads = [f"{name}: {', '.join(f'{ratio:.2f}x' for ratio in row['ratio_by_repetition'])}"
+               for name, row in summary["stages"].items() if len(row.get("ratio_by_repetition", [])) > 1]
+    if spreads:
+        lines += ["", "Each repetition's ratio (yardstick and project run back to back; their spread is the noise): "
+                  + "; ".join(spreads) + "."]
     return [*lines, ""]
 
 

@@ -33,9 +33,10 @@ from measures import MEASURES, PREPARED, REFERENCE, ROOT, WITH_CONFIG, noop_repr
 from report import report
 
 from cvae_pipeline.config import TUTORIAL_ELBO  # the tutorial's printed test ELBO after 100 epochs
+from cvae_pipeline.fileio import write_bytes_atomic
 
 YARDSTICK_EPOCHS_TO_QUALITY = 95  # epochs the yardstick needs to reach it at Adam 1e-4 (measured for issue 16)
-STAGE_REPETITIONS = 2
+STAGE_REPETITIONS = 3  # a median of 3: one stalled repetition (a busy machine) does not decide it
 STAGE_EPOCHS = (2, 4)  # per epoch: (4-epoch run - 2-epoch run) / 2; start-up and the first epoch's tracing cancel out
 DEFAULT = "default (params.yaml)"
 FLOAT32 = "float32, 120 steps a call"  # the default's settings but for the precision
@@ -106,13 +107,18 @@ def collect(quick: bool, precisions: bool, results: dict) -> dict:
     return results
 
 
-def per_epoch_wall(runs: list[dict]) -> float:
-    """Median over repetitions of (long run - short run) / their difference in epochs: an epoch's wall clock, with
-    the start-up and the first epoch's tracing cancelled out."""
+def epoch_walls(runs: list[dict]) -> list[float]:
+    """Per repetition, (long run - short run) / their difference in epochs: an epoch's wall clock, with the start-up
+    and the first epoch's tracing cancelled out."""
     short, long = STAGE_EPOCHS
     shorts = [run["seconds"] for run in runs if run["epochs"] == short]
     longs = [run["seconds"] for run in runs if run["epochs"] == long]
-    return statistics.median((b - a) / (long - short) for a, b in zip(shorts, longs, strict=True))
+    return [(b - a) / (long - short) for a, b in zip(shorts, longs, strict=True)]
+
+
+def per_epoch_wall(runs: list[dict]) -> float:
+    """The median over repetitions of `epoch_walls`."""
+    return statistics.median(epoch_walls(runs))
 
 
 def between_epochs(runs: list[dict]) -> list[float]:
@@ -137,7 +143,12 @@ def summarize_stages(results: dict, summary: dict) -> None:
         wall = per_epoch_wall(runs)
         shares = between_epochs([run for run in runs if run["epochs"] == STAGE_EPOCHS[1]])
         scoring = [row["eval_seconds"] for run in runs for row in run["history"]]
+        # Each repetition's ratio pairs the runs measured back to back: their spread is the measurement's noise.
+        by_repetition = ([yardstick / project for yardstick, project in
+                          zip(epoch_walls(results["reference_stages"]), epoch_walls(runs), strict=True)]
+                         if reference else [])
         summary["stages"][name] = {"epoch_seconds": wall, "ratio": reference / wall if reference else None,
+                                   "ratio_by_repetition": by_repetition,
                                    "between_epochs_median": statistics.median(shares),
                                    "between_epochs_max": max(shares), "scoring_seconds": statistics.median(scoring)}
     ttq = results.get("time_to_quality")
@@ -193,11 +204,17 @@ def main() -> None:
         partial.write_text(json.dumps(results, indent=1))
         print(f"stopped; what was measured is in {partial}", file=sys.stderr)
         raise
+    print(write_report(results, args.out))
+
+
+def write_report(results: dict, out: Path) -> str:
+    """Summarize `results` into `out`.json (with them) and `out`.md, each written whole or not at all."""
     summary = summarize(results)
-    args.out.with_suffix(".json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
+    write_bytes_atomic(out.with_suffix(".json"), json.dumps({"results": results, "summary": summary},
+                                                            indent=1).encode())
     text = report(results, summary, TUTORIAL_ELBO, YARDSTICK_EPOCHS_TO_QUALITY)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_bytes_atomic(out.with_suffix(".md"), text.encode())
+    return text
 
 
 if __name__ == "__main__":
