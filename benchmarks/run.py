@@ -201,7 +201,7 @@ def main() -> None:
         collect(args.quick, args.precisions, results)
     except BaseException:
         partial = args.out.with_suffix(".partial.json")
-        partial.write_text(json.dumps(results, indent=1))
+        write_bytes_atomic(partial, json.dumps(results, indent=1).encode())
         print(f"stopped; what was measured is in {partial}", file=sys.stderr)
         raise
     print(write_report(results, args.out))
