@@ -26,7 +26,9 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
 # A team's tracking server: a SQL backend store and artifacts served by the server itself (clients need no access to
-# the artifact storage). Point SERVER_STORE at PostgreSQL and SERVER_ARTIFACTS at object storage in production.
+# the artifact storage). Point SERVER_STORE at PostgreSQL and SERVER_ARTIFACTS at object storage in production
+# (README, Team setup). Secrets stay in the environment, never in these variables: the database password in
+# PGPASSWORD (or ~/.pgpass), the S3 keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials).
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
 SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
@@ -90,6 +92,8 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
 
 mlflow-server: $(STAMP)
+	@case '$(SERVER_STORE)' in *://*:*@*) echo "make mlflow-server: SERVER_STORE holds a password, which ps and the \
+	shell's history would show; leave it out of the URI and export PGPASSWORD (or use ~/.pgpass)" >&2; exit 2;; esac
 	mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
 		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT) \
 		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)")
