@@ -89,6 +89,16 @@ def _runs_in_postgres(database) -> list[tuple[str, str]]:
         return connection.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
 
 
+def _logged_models(uri: str, experiment: str) -> list:
+    """The experiment's logged models, asked of the server (the fluent API is the one that searches them)."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it
+
+
 @pytest.mark.slow
 def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
     objects, uri = stack["objects"], stack["uri"]
@@ -124,11 +134,7 @@ def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
     for output in ("models/cvae.keras", "data/prepared/mnist.npz", "reports/metrics.json"):
         assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
 
-    mlflow.set_tracking_uri(uri)
-    try:
-        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    finally:
-        mlflow.set_tracking_uri(None)
+    (logged,) = _logged_models(uri, experiment)
     images = np.random.default_rng(0).integers(0, 2, (2, 28, 28, 1)).astype(np.float32)
     served = predict_in_fresh_process(uri, logged.model_uri, images, tmp_path)
     pulled = load_trained(clone / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
@@ -152,11 +158,7 @@ def test_a_parallel_sweep_against_the_postgres_server_loses_nothing(tmp_path, st
     swept = client.search_runs([experiment], "tags.sweep = 'team'")
     assert {r.info.run_name for r in swept} == names and len(swept) == 4
     assert {(name, "FINISHED") for name in names} <= set(_runs_in_postgres(stack["database"]))
-    mlflow.set_tracking_uri(uri)
-    try:
-        models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    finally:
-        mlflow.set_tracking_uri(None)
+    models = _logged_models(uri, experiment)
     for found in swept:
         epochs = int(found.data.params["train.epochs"])
         history = client.get_metric_history(found.info.run_id, "test_elbo")
