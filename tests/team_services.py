@@ -137,6 +137,7 @@ class ObjectStore:
 
 
 def wait_for_http(url: str, process: subprocess.Popen, what: str, log: Path) -> None:
+    """Until `url` answers (any HTTP status); else an error quoting the server's log (`server_process` stops it)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -146,7 +147,6 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, log: Path) -> 
             return  # it answers
         except OSError:
             time.sleep(0.5)
-    stop(process)
     raise RuntimeError(f"{what} did not answer on {url} within {START_TIMEOUT_S} s (exit code {process.poll()}):\n"
                        f"{log.read_text(errors='replace')[-3000:]}")
 

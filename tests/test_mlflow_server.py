@@ -1,10 +1,7 @@
 """A team tracking server: `make mlflow-server` (SQL backend, served artifacts), and the pipeline logging to it."""
 
 import os
-import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -14,6 +11,7 @@ import pytest
 from conftest import REPO, free_port, make_repo_copy, predict_in_fresh_process, run, setup_copy, subprocess_env
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.inference import load_trained, reconstruct
+from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +21,10 @@ def server(tmp_path):
     """`make mlflow-server` itself, with its store and artifacts in a temporary folder and on a free port."""
     port, store, artifacts = free_port(), tmp_path / "server.db", tmp_path / "served-artifacts"
     overrides = [f"SERVER_PORT={port}", f"SERVER_STORE=sqlite:///{store}", f"SERVER_ARTIFACTS={artifacts}"]
-    process = subprocess.Popen(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline, healthy = time.monotonic() + 120, False
-    while not healthy and time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):
-                healthy = True
-        except OSError:
-            time.sleep(0.5)
-    if not healthy:
-        os.killpg(process.pid, signal.SIGTERM)
-        pytest.fail(f"make mlflow-server did not answer on {base}/health within 120 s (exit code {process.poll()})")
-    yield {"uri": base, "store": store, "artifacts": artifacts}
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    with server_process(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env()) as (process, log):
+        wait_for_http(f"{base}/health", process, "make mlflow-server", log)
+        yield {"uri": base, "store": store, "artifacts": artifacts}
 
 
 def test_make_mlflow_server_listens_on_loopback_with_a_sql_store_and_served_artifacts():

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from conftest import (
     REPO,
     commit_all,
+    free_port,
     make_repo_copy,
     queue_states,
     run,
@@ -124,12 +124,6 @@ def test_comparison_table_and_plot(sweep, monkeypatch):
     assert all(name in text for name in sweep["names"])
     assert "`train.batch_size=50`" in text and "`data.train_limit=null`" in text  # as params.yaml spells them
     assert (sweep["repo"] / "reports/compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
