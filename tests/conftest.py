@@ -246,6 +246,9 @@ def run_record(run_id: str) -> dict:
     }
 
 
+NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow refuses cloudpickled models
+
+
 # A user's script, where the project cannot be imported (this environment's editable install of it is taken off the
 # path first): only the code that travels with the model can make it load.
 PREDICT = """
@@ -263,10 +266,12 @@ print("cvae_pipeline from", cvae_pipeline.__file__)
 
 def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path) -> np.ndarray:
     """Load a logged model with `mlflow.pyfunc` in a new Python process that cannot import the project, and predict:
-    the pixel probabilities of the images' mean reconstructions."""
+    the pixel probabilities of the images' mean reconstructions. The process refuses pickled models, as a careful
+    deployment does: the model must be logged as code."""
     np.save(folder / "inputs.npy", images)
     loaded = subprocess.run([sys.executable, "-c", PREDICT, tracking_uri, model_uri, str(folder / "inputs.npy"),
-                             str(folder / "outputs.npy")], env=subprocess_env(), capture_output=True, text=True)
+                             str(folder / "outputs.npy")], env=subprocess_env(**NO_PICKLE), capture_output=True,
+                            text=True)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "/code/cvae_pipeline/__init__.py" in loaded.stdout, loaded.stdout  # the model's own copy of the code
     return np.load(folder / "outputs.npy")

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import (
+    NO_PICKLE,
     free_port,
     make_repo_copy,
     predict_in_fresh_process,
@@ -101,7 +102,8 @@ def served(trained, model_uri: str):
     port = free_port()
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h",
                                "127.0.0.1", "-p", str(port)], cwd=trained["repo"],
-                              env=subprocess_env(**trained["env"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=subprocess_env(**trained["env"], **NO_PICKLE), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
                               text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and server.poll() is None:
@@ -165,7 +167,7 @@ def test_a_damaged_or_foreign_model_fails_to_load_in_one_clear_line(trained, pro
         (copy / "MLmodel").write_text(yaml.safe_dump(spec))
         expected = "this model is of cvae_pipeline format 2, this code reads format 1"
     script = "import sys, mlflow\nmlflow.pyfunc.load_model(sys.argv[1])\n"
-    loaded = subprocess.run([sys.executable, "-c", script, str(copy)], env=subprocess_env(),
+    loaded = subprocess.run([sys.executable, "-c", script, str(copy)], env=subprocess_env(**NO_PICKLE),
                             capture_output=True, text=True)
     assert loaded.returncode != 0
     assert expected in loaded.stderr.strip().splitlines()[-1]
