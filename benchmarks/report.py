@@ -33,6 +33,10 @@ def header(results: dict, summary: dict) -> list[str]:
         f"`train.precision: auto` chose **{m['auto_precision']}** here ({m['auto_precision_reason']}).", "",
         f"Matrix-product peak (2048x2048): float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} "
         f"GFLOP/s. One training image costs {summary['flops_per_image'] / 1e6:.1f} MFLOP.", "",
+        *([] if m["gpus"] else [
+            "No GPU here, so none of these numbers is a GPU's. What is known about GPUs, and the one measurement made "
+            "on one (the IWAE pass through Keras on JAX, `benchmarks/iwae_jax.py`, on an H100 where TensorFlow could "
+            "not be installed), is in the README's *On a GPU*.", ""]),
     ]
 
 

@@ -153,7 +153,7 @@ def champion_model(trained):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other format"])
-def test_a_damaged_or_foreign_model_fails_to_load_in_one_clear_line(trained, promoted, damage, tmp_path):
+def test_a_damaged_or_foreign_model_fails_to_load_or_serve_in_one_clear_line(trained, promoted, damage, tmp_path):
     mlflow.set_tracking_uri(trained["store"])
     copy = tmp_path / "model"
     shutil.copytree(mlflow.artifacts.download_artifacts("models:/cvae-mnist@champion"), copy)
@@ -171,6 +171,16 @@ def test_a_damaged_or_foreign_model_fails_to_load_in_one_clear_line(trained, pro
                             capture_output=True, text=True)
     assert loaded.returncode != 0
     assert expected in loaded.stderr.strip().splitlines()[-1]
+    # The scoring server stops at start-up with the same line (MLflow prints its own traceback around it), and
+    # nothing from inside Keras.
+    serve = subprocess.run(["mlflow", "models", "serve", "-m", str(copy), "--env-manager", "local", "-h", "127.0.0.1",
+                            "-p", str(free_port())], env=subprocess_env(**NO_PICKLE), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert serve.returncode != 0
+    (line,) = [line for line in serve.stdout.splitlines() if line.startswith("mlflow.exceptions.MlflowException: ")]
+    assert expected in line and "keras/src" not in serve.stdout
+    assert damage != "truncated" or line.endswith("download the model again, or log a new one with the project "
+                                                  "(`dvc repro train`)")
 
 
 def sample(trained, model: str, out, seed: int = 0, *extra: str) -> subprocess.CompletedProcess:

@@ -41,10 +41,12 @@ def test_make_mlflow_server_takes_the_database_password_from_the_environment_onl
     assert shown.returncode == 0, shown.stderr
     assert '--backend-store-uri "postgresql://mlflow@db.internal:5432/mlflow"' in shown.stdout
     assert secret not in shown.stdout + shown.stderr
-    refused = subprocess.run([*MAKE_IN_COPY, "mlflow-server", f"SERVER_STORE=postgresql://mlflow:{secret}@db/mlflow"],
-                             cwd=REPO, capture_output=True, text=True)
-    assert refused.returncode == 2
-    assert refused.stderr.startswith("make mlflow-server: SERVER_STORE holds a password"), refused.stderr
+    for store in (f"postgresql://mlflow:{secret}@db/mlflow", f"postgresql://mlflow@db/mlflow?password={secret}",
+                  f"postgresql://mlflow@db/mlflow?sslmode=require&password={secret}"):  # libpq reads both forms
+        refused = subprocess.run([*MAKE_IN_COPY, "mlflow-server", f"SERVER_STORE={store}"], cwd=REPO,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2, store
+        assert refused.stderr.startswith("make mlflow-server: SERVER_STORE holds a password"), refused.stderr
 
 
 def test_the_readme_team_setup_has_no_secret_in_a_command():

@@ -13,19 +13,21 @@ from cvae_pipeline.model import CVAE, build_cvae
 BATCH = 1000
 
 
-def load_model_file(path: str | Path, error: type[Exception] = UserInputError) -> CVAE:
+def load_model_file(path: str | Path, error: type[Exception] = UserInputError,
+                    remedy: str | None = None) -> CVAE:
     """A trained `.keras` file as a float32 CVAE (however it was trained), loaded with Keras' safe mode; a missing,
-    damaged or foreign file raises `error` with one line naming it."""
+    damaged or foreign file raises `error` with one line naming it and saying what to do: `remedy`, else retrain."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{path}: no trained model; run `dvc repro train` first")
+        raise error(f"{path}: no trained model; {remedy or 'run `dvc repro train` first'}")
     try:
         saved = keras.models.load_model(path, safe_mode=True, compile=False)
     except DAMAGED_FILE_ERRORS as problem:
         raise error(f"{path}: not a model this version of cvae_pipeline can load ({type(problem).__name__}: "
-                    f"{problem}); run `dvc repro train` to write it again") from None
+                    f"{problem}); {remedy or 'run `dvc repro train` to write it again'}") from None
     if not isinstance(saved, CVAE):
-        raise error(f"{path}: a {type(saved).__name__}, not the CVAE that train writes; run `dvc repro train`")
+        raise error(f"{path}: a {type(saved).__name__}, not the CVAE that train writes; "
+                    f"{remedy or 'run `dvc repro train`'}")
     model = build_cvae(ModelParams(saved.latent_dim, saved.encoder_filters, saved.decoder_filters), "float32")
     model.set_weights(saved.get_weights())
     return model

@@ -31,7 +31,8 @@ class ReconstructionModel(mlflow.pyfunc.PythonModel):
         if found != FORMAT:
             raise MlflowException(f"this model is of cvae_pipeline format {found}, this code reads format {FORMAT}: "
                                   "load it with the version of the project that logged it")
-        self.model = load_model_file(context.artifacts[ARTIFACT], error=MlflowException)
+        self.model = load_model_file(context.artifacts[ARTIFACT], error=MlflowException, remedy=(
+            "download the model again, or log a new one with the project (`dvc repro train`)"))
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = np.asarray(model_input, dtype=np.float32)
