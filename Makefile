@@ -92,8 +92,9 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
 
 mlflow-server: $(STAMP)
-	@case '$(SERVER_STORE)' in *://*:*@*|*[?\&]password=*) echo "make mlflow-server: SERVER_STORE holds a password, which ps and the \
-	shell's history would show; leave it out of the URI and export PGPASSWORD (or use ~/.pgpass)" >&2; exit 2;; esac
+	@case '$(SERVER_STORE)' in *://*:*@*|*[?\&]password=*) echo "make mlflow-server: SERVER_STORE holds a \
+	password, which ps and the shell's history would show; leave it out of the URI and export PGPASSWORD (or use \
+	~/.pgpass)" >&2; exit 2;; esac
 	mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
 		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT) \
 		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)")
