@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from conftest import (
     write_fake_mnist,
 )
 from cvae_pipeline.comparison import write_comparison
+from team_services import server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 ROUNDS = 3  # the whole sweep, and every test of it, three times in a row: a race shows up as a flaky round
@@ -132,22 +132,12 @@ def ui(sweep):
     dry_run = subprocess.run(["make", "-n", "ui"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host 127.0.0.1" in dry_run  # loopback by default, never 0.0.0.0
     port = free_port()
-    server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep['repo'] / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=sweep["repo"],
-                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    yield base
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+    command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep['repo'] / 'mlflow.db'}", "--host",
+               "127.0.0.1", "--port", str(port)]
+    with server_process(command, cwd=sweep["repo"], env=subprocess_env()) as (server, log):
+        wait_for_http(f"{base}/health", server, "the MLflow UI", log)
+        yield base
 
 
 def api(base: str, path: str, payload: dict | None = None) -> dict:
