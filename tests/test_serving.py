@@ -3,13 +3,14 @@
 serve`; `make sample` draws from any model URI; the runs record their dataset, the model its test metrics, and the
 training its system metrics."""
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -31,6 +32,7 @@ from conftest import (
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.data import load_prepared
 from cvae_pipeline.inference import load_trained, reconstruct
+from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -97,23 +99,16 @@ def test_the_champion_loads_where_the_project_cannot_be_imported(trained, promot
     assert ((predicted > 0) & (predicted < 1)).all()  # probabilities, not logits
 
 
-def served(trained, model_uri: str):
-    """`mlflow models serve --env-manager local` on a free loopback port, once it answers /ping."""
+@contextlib.contextmanager
+def served(trained, model_uri: str) -> Iterator[str]:
+    """`mlflow models serve --env-manager local` on a free loopback port, once it answers /ping: its URL."""
     port = free_port()
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h",
-                               "127.0.0.1", "-p", str(port)], cwd=trained["repo"],
-                              env=subprocess_env(**trained["env"], **NO_PICKLE), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return server, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    pytest.fail(f"the scoring server did not answer: {server.communicate()[0][-3000:]}")
+    command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p",
+               str(port)]
+    with server_process(command, cwd=trained["repo"], env=subprocess_env(**trained["env"], **NO_PICKLE)) as (
+            server, log):
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, "the scoring server", log)
+        yield f"http://127.0.0.1:{port}"
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
@@ -129,13 +124,9 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_test_images_with_their_reconstructions(trained, promoted):
     repo = trained["repo"]
     images = load_prepared(repo / "data/prepared/mnist.npz").test.images[:4, ..., None].astype(np.float32)
-    server, url = served(trained, "models:/cvae-mnist@champion")
-    try:
+    with served(trained, "models:/cvae-mnist@champion") as url:
         status, answer = post(url, {"inputs": images.tolist()})
         bad_status, bad_answer = post(url, {"inputs": images[:, :14].tolist()})
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert status == 200, answer
     predicted = np.asarray(answer["predictions"], dtype=np.float32)
     expected = reconstruct(champion_model(trained), images)
