@@ -99,11 +99,11 @@ def test_the_trainer_trains_in_the_precision_auto_chose(small_data, machine, pol
 def test_on_a_gpu_the_images_are_kept_in_a_dtype_with_a_gather_kernel_and_train_the_same(small_data):
     params = small(precision="float32", jit_compile=False)
     on_cpu = Trainer(params, small_data, machine=ZEN3)
-    assert on_cpu._replica_images.dtype == tf.uint8
+    assert on_cpu.training_set.replica_images.dtype == tf.uint8
     cpu_loss = on_cpu.train_epoch(1)["train_loss"]
     on_gpu = Trainer(params, small_data, machine=gpus((8, 0)))  # what it keeps; the ops still run on this CPU
-    assert on_gpu._replica_images.dtype == tf.float32
-    np.testing.assert_array_equal(on_gpu._replica_images.numpy(), small_data.train.images[..., None])
+    assert on_gpu.training_set.replica_images.dtype == tf.float32
+    np.testing.assert_array_equal(on_gpu.training_set.replica_images.numpy(), small_data.train.images[..., None])
     assert on_gpu.train_epoch(1)["train_loss"] == cpu_loss
 
 

@@ -55,8 +55,9 @@ params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.env
 trainer = Trainer(params, data)
 curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
 print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_replicas_in_sync,
-                            "batch": trainer.batch_size, "steps": trainer.steps_per_epoch,
-                            "chief": trainer.is_chief, "test_elbo": trainer.evaluate()["test_elbo"]}}))
+                            "batch": trainer.training_set.batch_size,
+                            "steps": trainer.training_set.steps_per_epoch, "chief": trainer.is_chief,
+                            "test_elbo": trainer.scorer.evaluate()["test_elbo"]}}))
 """.format(tests=str(REPO / "tests"), epochs=EPOCHS)
 
 

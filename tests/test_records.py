@@ -168,7 +168,7 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
                                                                                          monkeypatch):
     from conftest import params_with
     from cvae_pipeline import tracking
-    from cvae_pipeline.trainer import Trainer
+    from cvae_pipeline.checkpoints import Checkpoint
     from cvae_pipeline.training import TrainOutputs, train_and_track
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -193,7 +193,7 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
 
     kill(tracking, "log_metrics", True, lambda metrics, step=None, **_: step == 2)  # epoch 2 saved, not logged
     kill(tracking, "log_metrics", False, lambda metrics, step=None, **_: "final_epochs" in metrics)
-    kill(Trainer, "save_checkpoint", True, lambda self, path, state, *_: state.finished)  # the model is logged
+    kill(Checkpoint, "save", True, lambda self, state, *_: state.finished)  # the model is logged
     train_and_track(params, small_data, outputs)
 
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment])

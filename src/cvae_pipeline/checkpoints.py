@@ -41,8 +41,16 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def save(path: str | Path, key: str, state: TrainingState, model_weights: list[np.ndarray],
-         optimizer_variables: list[np.ndarray], generator_state: np.ndarray) -> None:
+@dataclass(frozen=True)
+class Variables:
+    """A training's variables, copied out as arrays: the model's weights, the optimizer's variables (its step count
+    among them) and the noise generator's state."""
+    model_weights: list[np.ndarray]
+    optimizer_variables: list[np.ndarray]
+    generator_state: np.ndarray
+
+
+def save(path: str | Path, key: str, state: TrainingState, variables: Variables) -> None:
     arrays = {
         "fingerprint": np.array(key),
         "epoch": np.array(state.epoch),
@@ -50,10 +58,10 @@ def save(path: str | Path, key: str, state: TrainingState, model_weights: list[n
         "run_id": np.array(state.run_id or ""),
         "finished": np.array(state.finished),
         "grids": np.stack(state.grids),
-        "generator_state": generator_state,
+        "generator_state": variables.generator_state,
     }
-    arrays.update({f"model_{i:03d}": weight for i, weight in enumerate(model_weights)})
-    arrays.update({f"optimizer_{i:03d}": variable for i, variable in enumerate(optimizer_variables)})
+    arrays.update({f"model_{i:03d}": weight for i, weight in enumerate(variables.model_weights)})
+    arrays.update({f"optimizer_{i:03d}": variable for i, variable in enumerate(variables.optimizer_variables)})
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, **arrays)
 
@@ -61,9 +69,7 @@ def save(path: str | Path, key: str, state: TrainingState, model_weights: list[n
 @dataclass
 class Restored:
     state: TrainingState
-    model_weights: list[np.ndarray]
-    optimizer_variables: list[np.ndarray]
-    generator_state: np.ndarray
+    variables: Variables
 
 
 def restore(path: str | Path, key: str) -> Restored | None:
@@ -86,17 +92,56 @@ def restore(path: str | Path, key: str) -> Restored | None:
                 grids=list(archive["grids"]),
                 run_id=str(archive["run_id"]) or None,
             )
-            return Restored(
-                state,
+            return Restored(state, Variables(
                 [archive[name] for name in names if name.startswith("model_")],
                 [archive[name] for name in names if name.startswith("optimizer_")],
                 archive["generator_state"],
-            )
+            ))
     except DAMAGED_FILE_ERRORS as error:
         # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
         log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", path,
                     type(error).__name__, error)
         return None
+
+
+class Checkpoint:
+    """One training's checkpoint file and the live objects it saves and restores (as `tf.train.Checkpoint(model=...,
+    optimizer=..., generator=...)` would), under the training's fingerprint `key`."""
+
+    def __init__(self, path: Path, key: str, model, optimizer, generator):
+        self.path, self.key = Path(path), key
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+
+    def variables(self) -> Variables:
+        """The current values, copied: they may be saved later, while training goes on."""
+        return Variables(self.model.get_weights(), [v.numpy() for v in self.optimizer.variables],
+                         self.generator.state.numpy())
+
+    def assign(self, variables: Variables) -> None:
+        self.model.set_weights(variables.model_weights)
+        for variable, value in zip(self.optimizer.variables, variables.optimizer_variables, strict=True):
+            variable.assign(value)
+        self.generator.state.assign(variables.generator_state)
+
+    def save(self, state: TrainingState, variables: Variables | None = None) -> None:
+        """Write `state` with `variables`, taken earlier, or the current ones."""
+        save(self.path, self.key, state, variables or self.variables())
+
+    def restore(self) -> TrainingState | None:
+        """The state of the interrupted training this file holds, its variables assigned; None (start afresh, the
+        variables untouched) when there is none to resume."""
+        restored = restore(self.path, self.key)
+        if restored is None:
+            return None
+        initial = self.variables()
+        try:
+            self.assign(restored.variables)
+        except (ValueError, TypeError) as error:  # arrays of the wrong number or shape: damaged, though whole
+            log.warning("%s is damaged (%s); ignoring it, training starts afresh at epoch 1", self.path, error)
+            self.assign(initial)
+            return None
+        log.info("resuming after epoch %d from %s", restored.state.epoch, self.path)
+        return restored.state
 
 
 class Saver:

@@ -74,7 +74,8 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         remove_leftover_temporaries(path)  # of a run that was killed while writing
     machine = devices.detect()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data, script, machine, started)
-    state = trainer.restore_checkpoint(outputs.checkpoint)
+    checkpoint = trainer.checkpoint(outputs.checkpoint)
+    state = trainer.start(checkpoint)
     # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
     require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
                                                     "training settings": int(trainer.fingerprint[:12], 16)},
@@ -93,13 +94,13 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         tracking.log_missing_epochs(state.history)
         if data.source is not None:
             lineage.log_dataset(data.source, params.data, "train")
-        state = trainer.fit(state, outputs.checkpoint,
+        state = trainer.fit(state, checkpoint,
                             on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch, run_id=run_id))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
         records.write_run_reference(outputs.run, run)
         tracking.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
-        tracking.log_model_once(lambda: log_model(outputs.model, trainer.eval_images[:2].astype(np.float32)))
+        tracking.log_model_once(lambda: log_model(outputs.model, trainer.scorer.images[:2].astype(np.float32)))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
-    trainer.save_checkpoint(outputs.checkpoint, dataclasses.replace(state, finished=True))
+    checkpoint.save(dataclasses.replace(state, finished=True))
     return final

@@ -1,0 +1,69 @@
+"""The test set scored after every epoch of training, in float32 whatever the training precision.
+
+The per-epoch test ELBO is the number time to quality is read from, so it must not be a bfloat16 estimate: a float32
+twin of the model takes the trained weights before each scoring (the model itself, when it trains in float32). The
+twin also decodes the tutorial's progress grid, from fixed latent vectors.
+"""
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from cvae_pipeline.config import ModelParams
+from cvae_pipeline.losses import elbo_terms
+from cvae_pipeline.model import CVAE, build_cvae
+
+PROGRESS_IMAGES = 16  # the tutorial's 4x4 grid of images decoded from fixed latent vectors
+EVAL_BATCH = 1000
+
+
+class TestScorer:
+    __test__ = False  # a scorer of test sets, not a pytest test class
+
+    def __init__(self, model: CVAE, cfg: ModelParams, images: np.ndarray, seed: int, float32: bool,
+                 jit_compile: bool):
+        """`images`: (n, 28, 28, 1) binarized; `float32`: whether `model` trains in float32 (then it scores itself)."""
+        self.model = model
+        self.images = images
+        self.twin = model if float32 else build_cvae(cfg, "float32")
+        rng = np.random.default_rng([seed, 1])  # one fixed draw of z per image, and the grid's latent vectors
+        self.noise = rng.standard_normal((len(images), cfg.latent_dim)).astype(np.float32)
+        self.progress_latent = tf.constant(rng.standard_normal((PROGRESS_IMAGES, cfg.latent_dim)).astype(np.float32))
+        self._score = tf.function(self._score_chunk, jit_compile=jit_compile)
+        self._take_weights = tf.function(self._copy_weights) if not float32 else lambda: None
+        self._decode_progress = tf.function(self._progress)
+
+    def _copy_weights(self):
+        for target, source in zip(self.twin.weights, self.model.weights, strict=True):
+            target.assign(tf.cast(source, target.dtype))
+
+    def _score_chunk(self, images, noise):
+        """One forward pass of the float32 model over a chunk of the test set: sums of its ELBO's two terms."""
+        reconstruction, kl = elbo_terms(self.twin, tf.cast(images, tf.float32), noise, "analytic")
+        return tf.reduce_sum(reconstruction), tf.reduce_sum(kl)
+
+    def _progress(self):
+        return tf.round(tf.sigmoid(self.twin.decode(self.progress_latent))[..., 0] * 255)
+
+    def evaluate(self) -> dict[str, float]:
+        """The model's test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
+        computed in float32; and the seconds it took."""
+        started = time.perf_counter()
+        self._take_weights()
+        reconstruction = kl = 0.0
+        for start in range(0, len(self.images), EVAL_BATCH):
+            chunk = slice(start, start + EVAL_BATCH)
+            chunk_reconstruction, chunk_kl = self._score(self.images[chunk], self.noise[chunk])
+            reconstruction += float(chunk_reconstruction)
+            kl += float(chunk_kl)
+        n = len(self.images)
+        return {"test_elbo": -(reconstruction + kl) / n, "test_reconstruction": reconstruction / n,
+                "test_kl": kl / n, "eval_seconds": time.perf_counter() - started}
+
+    def progress_grid(self, take_weights: bool = False) -> np.ndarray:
+        """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights `evaluate`
+        last scored, or by the model's current ones when `take_weights`."""
+        if take_weights:
+            self._take_weights()
+        return self._decode_progress().numpy().astype(np.uint8)
