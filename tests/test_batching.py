@@ -38,10 +38,6 @@ def test_an_epochs_order_depends_on_the_seed_and_the_epoch_only():
     assert not np.array_equal(np.concatenate(other_seed[0]), np.concatenate(whole[0]))
 
 
-def test_the_images_are_kept_in_the_dtype_the_device_gathers():
-    assert training_set().replica_images.dtype == tf.uint8
-
-
 class TwoReplicas:
     """As much of a two-device `tf.distribute.Strategy` as placing the images asks of one."""
 
@@ -58,10 +54,11 @@ def test_one_device_trains_a_batch_larger_than_the_set_as_one_batch_of_all_image
     assert sorted(next(images.batches(1, 1)).numpy().tolist()) == list(range(10))
 
 
-def test_replicas_share_whole_batches_only_and_refuse_a_batch_larger_than_the_set_naming_the_param():
+def test_several_replicas_train_whole_batches_only_and_refuse_a_batch_larger_than_the_set():
     images = np.zeros((10, 28, 28, 1), np.uint8)
     shared = TrainingSet(images, 4, 0, TwoReplicas(), CPU)
-    assert (shared.steps_per_epoch, shared.whole_batches_only) == (2, True)  # the last 2 images wait for next epoch
+    # The last 2 images wait for another epoch's order (batch lengths: test_distribution.py, with real replicas).
+    assert (shared.steps_per_epoch, shared.whole_batches_only) == (2, True)
     with pytest.raises(UserInputError, match=r"^train\.batch_size: a batch of 12 is more than the 10 training "
                                              r"images; with 2 replicas a batch must be whole$"):
         TrainingSet(images, 12, 0, TwoReplicas(), CPU)

@@ -116,6 +116,25 @@ def test_a_damaged_checkpoint_starts_afresh(small_data, tmp_path):
 
 
 @pytest.mark.reliability
+def test_a_whole_checkpoint_that_does_not_fit_the_model_starts_afresh_with_the_initial_variables(small_data, tmp_path,
+                                                                                                 caplog):
+    trained, _ = train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as saved:
+        arrays = {name: saved[name] for name in saved.files if name != "optimizer_003"}
+    with open(tmp_path / "c.npz", "wb") as handle:  # one optimizer variable short: the weights fit, the rest not
+        np.savez(handle, **arrays)
+    fresh = Trainer(small_params(epochs=1), small_data)
+    initial = fresh.checkpoint(tmp_path / "c.npz").variables()
+    assert start(fresh, tmp_path / "c.npz").epoch == 0
+    assert "is damaged" in caplog.text
+    after = fresh.checkpoint(tmp_path / "c.npz").variables()
+    for a, b in zip(after.model_weights + after.optimizer_variables, initial.model_weights +
+                    initial.optimizer_variables, strict=True):
+        np.testing.assert_array_equal(a, b)  # not the saved weights, which were assigned before the mismatch
+    assert not np.array_equal(after.model_weights[0], trained.model.get_weights()[0])
+
+
+@pytest.mark.reliability
 def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
     trainer = Trainer(small_params(learning_rate=1e30), small_data)
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+; try a lower train.learning_rate"):

@@ -5,8 +5,9 @@ variables, the noise generator's state, the epoch, the metrics history, the prog
 Only the training that wrote a checkpoint, interrupted before it finished, may resume it: a fingerprint of the params,
 the data and the code guards against resuming another configuration, and a finished training marks its checkpoint
 so, which makes any later run (`dvc repro -f`, a changed param that does not enter the fingerprint) start afresh.
-A damaged file is never fatal: it is ignored with a warning. `Saver` writes each epoch's file on a thread of its own
-while the next epoch trains.
+A damaged file is never fatal: it is ignored with a warning. `Checkpoint` binds the file to the live model, optimizer
+and generator, and puts their variables back as they were when a complete file does not fit them. `Saver` writes
+each epoch's file on a thread of its own while the next epoch trains.
 """
 
 import hashlib
@@ -16,10 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
+
+if TYPE_CHECKING:  # for annotations only: the file itself is NumPy's
+    import keras
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +111,11 @@ def restore(path: str | Path, key: str) -> Restored | None:
 
 
 class Checkpoint:
-    """One training's checkpoint file and the live objects it saves and restores (as `tf.train.Checkpoint(model=...,
-    optimizer=..., generator=...)` would), under the training's fingerprint `key`."""
+    """One training's checkpoint file and the live objects whose variables it saves and restores, in order, under the
+    training's fingerprint `key`."""
 
-    def __init__(self, path: Path, key: str, model, optimizer, generator):
+    def __init__(self, path: Path, key: str, model: "keras.Model", optimizer: "keras.optimizers.Optimizer",
+                 generator: "tf.random.Generator"):
         self.path, self.key = Path(path), key
         self.model, self.optimizer, self.generator = model, optimizer, generator
 

@@ -66,6 +66,8 @@ class ScoringDecoder:
 
 
 class Evaluator:
+    """Scores a trained model on a test set with seeded draws of z: the ELBO, the IWAE bound and the rest."""
+
     def __init__(self, model: CVAE, cfg: EvaluateParams, seed: int):
         self.model = model
         self.decode = ScoringDecoder(model)
@@ -122,23 +124,24 @@ class Evaluator:
             "iwae_k": k,
             "samples": samples,
             "images": len(images),
-            **self.mean_reconstruction_metrics(images, np.concatenate(means)),
+            **mean_reconstruction_metrics(self.model, images, np.concatenate(means)),
         }
 
-    def mean_reconstruction_metrics(self, images: np.ndarray, means: np.ndarray) -> dict[str, float]:
-        """Pixel accuracy and per-pixel cross-entropy of decode(posterior mean); active units of the posterior means."""
-        correct = cross_entropy = 0.0
-        for start in range(0, len(images), BATCH):
-            targets = as_inputs(images[start:start + BATCH])
-            logits = self.model.decode(means[start:start + BATCH])
-            correct += float(tf.reduce_sum(tf.cast((logits >= 0) == (targets >= 0.5), tf.float64)))
-            cross_entropy += float(tf.reduce_sum(reconstruction_nll(targets, logits)))
-        pixels = images.size
-        return {
-            "pixel_accuracy": correct / pixels,
-            "bce_per_pixel": cross_entropy / pixels,
-            "active_units": active_units(means),
-        }
+
+def mean_reconstruction_metrics(model: CVAE, images: np.ndarray, means: np.ndarray) -> dict[str, float]:
+    """Pixel accuracy and per-pixel cross-entropy of decode(posterior mean); active units of the posterior means."""
+    correct = cross_entropy = 0.0
+    for start in range(0, len(images), BATCH):
+        targets = as_inputs(images[start:start + BATCH])
+        logits = model.decode(means[start:start + BATCH])
+        correct += float(tf.reduce_sum(tf.cast((logits >= 0) == (targets >= 0.5), tf.float64)))
+        cross_entropy += float(tf.reduce_sum(reconstruction_nll(targets, logits)))
+    pixels = images.size
+    return {
+        "pixel_accuracy": correct / pixels,
+        "bce_per_pixel": cross_entropy / pixels,
+        "active_units": active_units(means),
+    }
 
 
 def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:

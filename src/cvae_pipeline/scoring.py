@@ -1,8 +1,8 @@
 """The test set scored after every epoch of training, in float32 whatever the training precision.
 
-The per-epoch test ELBO is the number time to quality is read from, so it must not be a bfloat16 estimate: a float32
-twin of the model takes the trained weights before each scoring (the model itself, when it trains in float32). The
-twin also decodes the tutorial's progress grid, from fixed latent vectors.
+The per-epoch test ELBO is the number time to quality is read from, so it must not be a bfloat16 or float16 estimate:
+a float32 twin of the model takes the trained weights before each scoring (the model itself, when it trains in
+float32). The twin also decodes the tutorial's progress grid, from fixed latent vectors.
 """
 
 import time
@@ -31,8 +31,12 @@ class TestScorer:
         self.noise = rng.standard_normal((len(images), cfg.latent_dim)).astype(np.float32)
         self.progress_latent = tf.constant(rng.standard_normal((PROGRESS_IMAGES, cfg.latent_dim)).astype(np.float32))
         self._score = tf.function(self._score_chunk, jit_compile=jit_compile)
-        self._take_weights = tf.function(self._copy_weights) if not float32 else lambda: None
+        self._copy = tf.function(self._copy_weights) if not float32 else lambda: None
         self._decode_progress = tf.function(self._progress)
+
+    def take_weights(self) -> None:
+        """The twin takes the model's current weights (`evaluate` does this first)."""
+        self._copy()
 
     def _copy_weights(self):
         for target, source in zip(self.twin.weights, self.model.weights, strict=True):
@@ -50,7 +54,7 @@ class TestScorer:
         """The model's test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
         computed in float32; and the seconds it took."""
         started = time.perf_counter()
-        self._take_weights()
+        self.take_weights()
         reconstruction = kl = 0.0
         for start in range(0, len(self.images), EVAL_BATCH):
             chunk = slice(start, start + EVAL_BATCH)
@@ -61,9 +65,7 @@ class TestScorer:
         return {"test_elbo": -(reconstruction + kl) / n, "test_reconstruction": reconstruction / n,
                 "test_kl": kl / n, "eval_seconds": time.perf_counter() - started}
 
-    def progress_grid(self, take_weights: bool = False) -> np.ndarray:
-        """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights `evaluate`
-        last scored, or by the model's current ones when `take_weights`."""
-        if take_weights:
-            self._take_weights()
+    def progress_grid(self) -> np.ndarray:
+        """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights the twin
+        last took (with a float32 model: its current ones)."""
         return self._decode_progress().numpy().astype(np.uint8)

@@ -36,6 +36,8 @@ TIMING_COLUMNS = ("epoch_seconds", "eval_seconds", "elapsed_seconds", "images_pe
 
 
 class Trainer:
+    """The model, its optimizer and its noise generator, placed by the strategy, and the loop that trains them."""
+
     def __init__(self, params: Params, data: PreparedData, script: Path | None = None,
                  machine: devices.Machine | None = None, started: float | None = None):
         """`script`: the entry point whose code (and the modules it imports) trains; `started`: its
@@ -96,7 +98,10 @@ class Trainer:
         """The state to train from: the checkpoint's when it holds this training, interrupted; else epoch 0, whose
         progress grid the initial weights decode."""
         state = checkpoint.restore()
-        return state if state is not None else TrainingState(grids=[self.scorer.progress_grid(take_weights=True)])
+        if state is None:
+            self.scorer.take_weights()
+            state = TrainingState(grids=[self.scorer.progress_grid()])
+        return state
 
     def _step(self, indices, replica_images):
         """One replica's share of an optimizer step: its images by index, and its part of the global mean loss."""
