@@ -108,8 +108,7 @@ sweep: $(STAMP)
 	@test -n "$(S)" || { echo "make sweep: S names what to sweep, e.g. make sweep S='model.latent_dim=2,10,50' J=2" >&2; exit 2; }
 	dvc repro prepare
 	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
-	dvc exp run --run-all -j $(J) 2>&1 | tee $(SWEEP_LOG)
-	@! grep "Failed to reproduce" $(SWEEP_LOG) || { echo "make sweep: see why with dvc queue logs <name>" >&2; exit 1; }
+	python -m cvae_pipeline.sweep_queue --jobs $(J) --log $(SWEEP_LOG)
 	$(MAKE) --no-print-directory compare
 
 promote: $(STAMP)
