@@ -104,11 +104,15 @@ compare: $(STAMP)
 
 # A whole sweep: prepare once (workers that each prepared would write the same outputs into DVC's cache at once),
 # queue one experiment per combination, run them on J workers and wait, then compare. Fails if any experiment failed.
+# A sweep of data.* params runs on one worker: each of its experiments prepares its own data.
+SWEEP_JOBS = $(if $(filter data.%,$(S)),1,$(J))
 sweep: $(STAMP)
 	@test -n "$(S)" || { echo "make sweep: S names what to sweep, e.g. make sweep S='model.latent_dim=2,10,50' J=2" >&2; exit 2; }
+	$(if $(filter-out $(J),$(SWEEP_JOBS)),@echo "make sweep: S varies data.* params and each experiment prepares its \
+	own data: running them on 1 worker instead of $(J) (two preparing at once race in DVC's cache)" >&2)
 	dvc repro prepare
 	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
-	python -m cvae_pipeline.sweep_queue --jobs $(J) --log $(SWEEP_LOG)
+	python -m cvae_pipeline.sweep_queue --jobs $(SWEEP_JOBS) --log $(SWEEP_LOG)
 	$(MAKE) --no-print-directory compare
 
 promote: $(STAMP)

@@ -79,11 +79,13 @@ def stages(results: dict, summary: dict) -> list[str]:
              "| train stage | precision | s an epoch | scoring the test set | between epochs | vs yardstick |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     reference = summary.get("reference_epoch_seconds")
-    if reference:
-        lines.append(f"| yardstick: reference_cvae.py | float32 | {reference:.1f} | (inside) | n/a | 1.00x |")
+    if "reference_epoch_seconds" in summary:
+        seconds = f"{reference:.1f}" if reference else "n/a (disturbed)"
+        lines.append(f"| yardstick: reference_cvae.py | float32 | {seconds} | (inside) | n/a | 1.00x |")
     for name, row in summary["stages"].items():
         ratio = f"**{row['ratio']:.2f}x**" if row["ratio"] else "n/a"
-        lines.append(f"| {name} | {precision_of(name, m)} | {row['epoch_seconds']:.1f} | "
+        seconds = f"{row['epoch_seconds']:.1f}" if row["epoch_seconds"] else "n/a (disturbed)"
+        lines.append(f"| {name} | {precision_of(name, m)} | {seconds} | "
                      f"{row['scoring_seconds']:.2f} s | {row['between_epochs_median']:.2%} (worst "
                      f"{row['between_epochs_max']:.2%}) | {ratio} |")
     spreads = [f"{name}: {', '.join(f'{ratio:.2f}x' for ratio in row['ratio_by_repetition'])}"
@@ -91,6 +93,13 @@ def stages(results: dict, summary: dict) -> list[str]:
     if spreads:
         lines += ["", "Each repetition's ratio (yardstick and project run back to back; their spread is the noise): "
                   + "; ".join(spreads) + "."]
+    noisy = [f"yardstick {summary.get('reference_disturbed', 0)}",
+             *(f"{name} {row.get('disturbed', 0)}" for name, row in summary["stages"].items())]
+    if any(not part.endswith(" 0") for part in noisy):
+        lines += ["", "Repetitions left out as disturbed (their short and long runs timed the epochs both train more "
+                  f"than {summary['disturbed_threshold']:.0%} apart: something else ran beside one of them), of "
+                  f"{repetitions}: " + "; ".join(noisy) + ". Where every one was, rerun `make bench` on a quieter "
+                  "machine."]
     return [*lines, ""]
 
 

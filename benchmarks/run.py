@@ -38,6 +38,7 @@ from cvae_pipeline.fileio import write_bytes_atomic
 YARDSTICK_EPOCHS_TO_QUALITY = 95  # epochs the yardstick needs to reach it at Adam 1e-4 (measured for issue 16)
 STAGE_REPETITIONS = 3  # a median of 3: one stalled repetition (a busy machine) does not decide it
 STAGE_EPOCHS = (2, 4)  # per epoch: (4-epoch run - 2-epoch run) / 2; start-up and the first epoch's tracing cancel out
+DISTURBED = 0.15  # a repetition whose short and long runs time their common epochs this much apart is left out
 DEFAULT = "default (params.yaml)"
 FLOAT32 = "float32, 120 steps a call"  # the default's settings but for the precision
 BFLOAT16 = "mixed_bfloat16, 120 steps a call"
@@ -116,9 +117,27 @@ def epoch_walls(runs: list[dict]) -> list[float]:
     return [(b - a) / (long - short) for a, b in zip(shorts, longs, strict=True)]
 
 
-def per_epoch_wall(runs: list[dict]) -> float:
-    """The median over repetitions of `epoch_walls`."""
-    return statistics.median(epoch_walls(runs))
+def timed_epochs(run: dict) -> list[float]:
+    """Each epoch's own timing, from the run's history: the yardstick's `seconds` (training and its scoring), the
+    project's training and scoring."""
+    return [row["seconds"] if "seconds" in row else row["epoch_seconds"] + row["eval_seconds"]
+            for row in run["history"]]
+
+
+def disturbed(runs: list[dict]) -> list[bool]:
+    """Per repetition: whether its short and long runs disagree, by more than DISTURBED, on the time of the epochs
+    both train. Then something else ran beside one of them, and the difference of their wall clocks measures that,
+    not an epoch (seen here: a yardstick's first epoch at half speed made its epoch look 12 s instead of 20 s)."""
+    short, long = STAGE_EPOCHS
+    firsts = {epochs: [sum(timed_epochs(run)[:short]) for run in runs if run["epochs"] == epochs]
+              for epochs in (short, long)}
+    return [abs(a - b) > DISTURBED * min(a, b) for a, b in zip(firsts[short], firsts[long], strict=True)]
+
+
+def per_epoch_wall(runs: list[dict]) -> float | None:
+    """The median of `epoch_walls` over the repetitions that were not `disturbed`; None when every one was."""
+    walls = [wall for wall, noisy in zip(epoch_walls(runs), disturbed(runs), strict=True) if not noisy]
+    return statistics.median(walls) if walls else None
 
 
 def between_epochs(runs: list[dict]) -> list[float]:
@@ -136,19 +155,23 @@ def between_epochs(runs: list[dict]) -> list[float]:
 def summarize_stages(results: dict, summary: dict) -> None:
     if not results["stages"]:
         return
-    reference = per_epoch_wall(results["reference_stages"]) if results["reference_stages"] else None
+    yardstick_runs = results["reference_stages"]
+    reference = per_epoch_wall(yardstick_runs) if yardstick_runs else None
     summary["reference_epoch_seconds"] = reference
+    summary["reference_disturbed"] = sum(disturbed(yardstick_runs)) if yardstick_runs else 0
+    summary["disturbed_threshold"] = DISTURBED
     summary["stages"] = {}
     for name, runs in results["stages"].items():
         wall = per_epoch_wall(runs)
         shares = between_epochs([run for run in runs if run["epochs"] == STAGE_EPOCHS[1]])
         scoring = [row["eval_seconds"] for run in runs for row in run["history"]]
         # Each repetition's ratio pairs the runs measured back to back: their spread is the measurement's noise.
-        by_repetition = ([yardstick / project for yardstick, project in
-                          zip(epoch_walls(results["reference_stages"]), epoch_walls(runs), strict=True)]
-                         if reference else [])
-        summary["stages"][name] = {"epoch_seconds": wall, "ratio": reference / wall if reference else None,
-                                   "ratio_by_repetition": by_repetition,
+        by_repetition = ([yardstick / project for yardstick, project, noisy, also_noisy in
+                          zip(epoch_walls(yardstick_runs), epoch_walls(runs), disturbed(yardstick_runs),
+                              disturbed(runs), strict=True) if not (noisy or also_noisy)]
+                         if yardstick_runs else [])
+        summary["stages"][name] = {"epoch_seconds": wall, "ratio": reference / wall if reference and wall else None,
+                                   "ratio_by_repetition": by_repetition, "disturbed": sum(disturbed(runs)),
                                    "between_epochs_median": statistics.median(shares),
                                    "between_epochs_max": max(shares), "scoring_seconds": statistics.median(scoring)}
     ttq = results.get("time_to_quality")
@@ -158,8 +181,9 @@ def summarize_stages(results: dict, summary: dict) -> None:
                                       "seconds": reached[0]["elapsed_seconds"] if reached else None,
                                       "final_test_elbo": ttq["history"][-1]["test_elbo"]}
         if reference and reached:
-            short = statistics.median(run["seconds"] for run in results["reference_stages"]
-                                      if run["epochs"] == STAGE_EPOCHS[0])
+            shorts = [run for run in yardstick_runs if run["epochs"] == STAGE_EPOCHS[0]]
+            short = statistics.median(run["seconds"] for run, noisy in zip(shorts, disturbed(yardstick_runs),
+                                                                           strict=True) if not noisy)
             yardstick = short + (YARDSTICK_EPOCHS_TO_QUALITY - STAGE_EPOCHS[0]) * reference
             summary["time_to_quality"].update(yardstick_seconds=yardstick,
                                               ratio=yardstick / reached[0]["elapsed_seconds"])

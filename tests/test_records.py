@@ -207,6 +207,73 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
         assert bool(saved["finished"]) and int(saved["epoch"]) == 3
 
 
+# Loaded through PYTHONPATH by every Python process of a `dvc repro`; in the train stage alone, it wraps the first
+# function its kill plan (a JSON list) names so that the process SIGKILLs itself before or after the call that matches,
+# and takes that point off the plan first: each `dvc repro` dies at the next point, as a real kill -9 would.
+KILL_PLAN = """
+import json, os, signal, sys
+plan_file = os.environ.get("CVAE_TEST_KILL_PLAN")
+if plan_file and sys.argv and sys.argv[0].endswith("stages/train.py"):
+    with open(plan_file) as handle:
+        plan = json.load(handle)
+    if plan:
+        point = plan[0]
+        sys.path.insert(0, os.path.join(os.getcwd(), "src"))  # the copy's code, as the stage itself imports it
+        from cvae_pipeline import tracking
+        from cvae_pipeline.checkpoints import Checkpoint
+        owner = {"tracking": tracking, "Checkpoint": Checkpoint}[point["owner"]]
+        original, matches = getattr(owner, point["name"]), eval(point["when"])
+
+        def kill():
+            with open(plan_file, "w") as handle:
+                json.dump(plan[1:], handle)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def wrapped(*args, **kwargs):
+            if point["before"] and matches(*args, **kwargs):
+                kill()
+            result = original(*args, **kwargs)
+            if not point["before"] and matches(*args, **kwargs):
+                kill()
+            return result
+
+        setattr(owner, point["name"], wrapped)
+"""
+
+
+def test_kill_9s_between_checkpointing_and_logging_leave_one_point_per_epoch_and_one_model(repo_copy, fake_mnist,
+                                                                                           tmp_path):
+    plan = [  # each a kill -9 of `dvc repro train` at one point, then the next `dvc repro` resumes
+        {"owner": "tracking", "name": "log_metrics", "before": True,  # epoch 2 checkpointed, not logged
+         "when": "lambda metrics, step=None, **_: step == 2"},
+        {"owner": "tracking", "name": "log_metrics", "before": False,  # the final metrics logged, not the model
+         "when": "lambda metrics, step=None, **_: 'final_epochs' in metrics"},
+        {"owner": "Checkpoint", "name": "save", "before": True,  # the model logged, the checkpoint not marked finished
+         "when": "lambda self, state, *_, **__: state.finished"},
+    ]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "sitecustomize.py").write_text(KILL_PLAN)
+    env = {**setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 3}),
+           "CVAE_TEST_KILL_PLAN": str(tmp_path / "plan.json"), "PYTHONPATH": str(tmp_path)}
+    for left in (2, 1, 0):
+        killed = run(["dvc", "repro", "train"], repo_copy, **env)
+        assert killed.returncode != 0 and len(json.loads((tmp_path / "plan.json").read_text())) == left, \
+            killed.stderr[-3000:]
+    done = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after epoch 3" in done.stderr
+
+    runs = runs_in(repo_copy)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run_id = runs.iloc[0]["run_id"]
+    for key in ("test_elbo", "train_loss", "epoch_seconds"):
+        assert steps(run_id, key) == [1, 2, 3], key
+    assert steps(run_id, "final_test_elbo") == [0]
+    assert len(models_of(run_id)) == 1
+    with np.load(repo_copy / "models/checkpoint.npz") as saved:
+        assert bool(saved["finished"]) and int(saved["epoch"]) == 3
+
+
 # --- 4. a run id the store does not know ---------------------------------------------------------------------------
 
 def test_outputs_from_another_store_are_recorded_in_a_new_run_that_names_the_original(repo_copy, fake_mnist, tmp_path):
@@ -242,6 +309,27 @@ def test_a_training_resumed_against_another_store_continues_in_a_new_run_that_na
     found = mlflow.search_runs(experiment_names=["cvae-mnist"]).iloc[0]
     assert found["tags.resumed_from_run_id"] == first
     assert steps(found["run_id"]) == list(range(1, 31))  # the epochs before the switch too, each once
+
+
+def test_a_training_resumed_after_an_evaluate_param_changed_continues_in_a_new_run_that_says_why(repo_copy, fake_mnist):
+    # The checkpoint holds the same training (evaluate params are not trained), so it resumes; but an MLflow run's
+    # params cannot change, and the run must say what was used: the rest goes to a new run that names the first.
+    env = setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 30}, evaluate={"iwae_k": 5})
+    assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
+    kill_training_once_checkpointed(repo_copy, **env)
+    first = runs_in(repo_copy).iloc[0]["run_id"]
+    epoch = int(np.load(repo_copy / "models/checkpoint.npz")["epoch"])
+    setup_copy(repo_copy, fake_mnist, train={**TINY["train"], "epochs": 30}, evaluate={"iwae_k": 7})
+    resumed = run(["dvc", "repro", "train"], repo_copy, **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after epoch {epoch}" in resumed.stderr
+    assert f"the checkpoint's MLflow run {first} was logged with other params (evaluate.iwae_k: 5 -> 7)" \
+        in resumed.stderr
+    runs = runs_in(repo_copy).set_index("run_id")
+    assert runs.loc[first, "params.evaluate.iwae_k"] == "5" and runs.loc[first, "status"] == "KILLED"
+    (second,) = runs.index.drop(first)
+    assert runs.loc[second, "tags.resumed_from_run_id"] == first and runs.loc[second, "params.evaluate.iwae_k"] == "7"
+    assert steps(second) == list(range(1, 31))
 
 
 # --- 5. damaged files ----------------------------------------------------------------------------------------------

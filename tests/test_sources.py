@@ -54,4 +54,7 @@ def test_the_code_digest_changes_with_any_imported_module_and_only_with_them(tmp
     (package / "unrelated.py").write_text("x = 1\n")
     assert sources.code_digest(script) == first
     (package / "b.py").write_text("x = 1\n")  # imported through a.py
-    assert sources.code_digest(script) != first
+    second = sources.code_digest(script)
+    assert second != first
+    (package / "__init__.py").write_text('"""The package, which every import of a module of it runs first."""\n')
+    assert sources.code_digest(script) != second

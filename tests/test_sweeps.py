@@ -65,6 +65,17 @@ def test_make_sweep_without_params_says_what_to_give():
     assert made.returncode == 2 and made.stderr.startswith("make sweep: S names what to sweep"), made.stderr
 
 
+@pytest.mark.parametrize(("swept", "jobs"), [("model.latent_dim=2,10 data.threshold=0.4,0.6", "1"),
+                                             ("model.latent_dim=2,10 train.epochs=2", "2")])
+def test_make_sweep_runs_a_sweep_of_data_params_on_one_worker_saying_why(swept, jobs):
+    # Each experiment of a data.* sweep prepares its own data; two workers preparing at once race in DVC's cache.
+    made = subprocess.run(["make", "-n", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", "sweep",
+                           f"S={swept}", "J=2"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert f"python -m cvae_pipeline.sweep_queue --jobs {jobs} " in made.stdout
+    assert ("running them on 1 worker instead of 2" in made.stdout) == (jobs == "1")
+
+
 def test_every_experiment_runs_and_lands_in_the_main_store_complete(sweep):
     repo = sweep["repo"]
     assert sweep["states"] == ["Success"] * 4, run(["dvc", "queue", "status"], repo).stdout

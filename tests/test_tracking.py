@@ -164,15 +164,30 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
 @pytest.mark.reliability
 def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_required(store, monkeypatch):
     def broken(name):
-        raise ConnectionResetError("the store went away")
+        raise ConnectionResetError("the store\nwent away")
 
     monkeypatch.setattr(tracking, "ensure_experiment", broken)
-    with pytest.raises(ConnectionResetError), tracking.active_run(CFG):
+    with pytest.raises(tracking.TrackingError) as stopped, tracking.active_run(CFG):
         pass
+    assert str(stopped.value).startswith(f"MLflow store {tracking.tracking_uri()} failed during the stage "
+                                         "(ConnectionResetError: the store went away): ")
+    assert "tracking.required: false" in str(stopped.value) and "\n" not in str(stopped.value)
     monkeypatch.setattr(tracking, "_session", tracking._Session())
     with tracking.active_run(dataclasses.replace(CFG, required=False)) as run:
         assert run is None
         tracking.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store(store, monkeypatch, required):
+    def buggy(mlflow):
+        raise TypeError("a bug in what is logged")
+
+    with tracking.active_run(dataclasses.replace(CFG, required=required)) as run:
+        with pytest.raises(TypeError, match="a bug"):
+            tracking.log_with(buggy)
+        tracking.log_metrics({"loss": 1.0}, step=1)  # still online: a bug is not the store's failure
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"loss": 1.0}
 
 
 @pytest.mark.reliability

@@ -3,6 +3,7 @@
 import re
 import threading
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -73,32 +74,78 @@ def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(small_data, 
     assert timeless(other.history) != timeless(first.history)
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(params, data, path, epoch: int) -> None:
+    """Train from scratch into the checkpoint at `path`, stopped after `epoch`'s checkpoint, before it is logged: as
+    a kill there would."""
+    def interrupt(finished, metrics):
+        if finished == epoch:
+            raise Interrupted
+
+    broken = Trainer(params, data)
+    with pytest.raises(Interrupted):
+        broken.fit(start(broken, path), broken.checkpoint(path), on_epoch=interrupt)
+
+
+def resume(params, data, path, epoch: int):
+    """Resume the interrupted training at `path` (asserting it resumes after `epoch`) and finish it."""
+    resumed = Trainer(params, data)
+    state = start(resumed, path)
+    assert state.epoch == epoch
+    return resumed, resumed.fit(state, resumed.checkpoint(path))
+
+
+def assert_same_weights(trainer, other):
+    for a, b in zip(trainer.model.get_weights(), other.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.reliability
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
     params = small_params(epochs=3)
     whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
-
-    class Interrupted(Exception):
-        pass
-
-    def interrupt_in_epoch_2(epoch, metrics):
-        if epoch == 2:
-            raise Interrupted  # after epoch 2's checkpoint, before it is logged: as a kill there would
-
-    broken = Trainer(params, small_data)
-    with pytest.raises(Interrupted):
-        broken.fit(start(broken, tmp_path / "resumed.npz"), broken.checkpoint(tmp_path / "resumed.npz"),
-                   on_epoch=interrupt_in_epoch_2)
-
-    resumed = Trainer(params, small_data)
-    state = start(resumed, tmp_path / "resumed.npz")
-    assert state.epoch == 2
-    state = resumed.fit(state, resumed.checkpoint(tmp_path / "resumed.npz"))
+    interrupt_after(params, small_data, tmp_path / "resumed.npz", epoch=2)
+    resumed, state = resume(params, small_data, tmp_path / "resumed.npz", epoch=2)
     assert timeless(state.history) == timeless(whole_state.history)
-    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(resumed, whole)
     assert len(state.grids) == 4  # epoch 0 and each of the 3 epochs
     np.testing.assert_array_equal(np.stack(state.grids), np.stack(whole_state.grids))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("precision", "jit_compile"), [("mixed_float16", False), ("float32", True),
+                                                         ("mixed_bfloat16", True)],
+                         ids=["float16-loss-scaled", "xla", "bfloat16-xla"])
+def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, tmp_path, precision, jit_compile):
+    # What `auto` picks on GPUs (XLA; float16 with loss scaling below compute capability 8.0) runs on the CPU too.
+    params = small_params(epochs=2, precision=precision, jit_compile=jit_compile)
+    try:
+        whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+        assert (whole.precision.value, whole.jit_compile.value) == (precision, jit_compile)
+        assert whole._train_step._jit_compile is jit_compile  # what the compiled step was built with
+        assert whole.model.encoder.get_layer("encoder_conv_1").compute_dtype == precision.removeprefix("mixed_")
+        assert whole.optimizer.__class__.__name__ == ("LossScaleOptimizer" if precision == "mixed_float16" else "Adam")
+        first, second = whole_state.history
+        assert second["train_loss"] < first["train_loss"] and second["test_elbo"] > first["test_elbo"]
+        interrupt_after(params, small_data, tmp_path / "resumed.npz", epoch=1)
+        resumed, state = resume(params, small_data, tmp_path / "resumed.npz", epoch=1)
+        assert timeless(state.history) == timeless(whole_state.history)
+        assert_same_weights(resumed, whole)
+        for a, b in zip(resumed.optimizer.variables, whole.optimizer.variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())  # a loss scale too, where there is one
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_train_deterministic_is_tensorflows_op_determinism(small_data, monkeypatch, deterministic):
+    enabled = []
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
+    Trainer(small_params(deterministic=deterministic), small_data)
+    assert enabled == ([True] if deterministic else [])
 
 
 def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):

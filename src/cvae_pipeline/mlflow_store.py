@@ -62,6 +62,24 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions by which a store (MLflow's client, its database, its artifact storage) says it failed, as
+    opposed to a bug in the code that calls it."""
+    from mlflow.exceptions import MlflowException  # deferred, as every import of MLflow
+
+    errors: list[type[BaseException]] = [MlflowException, OSError]  # OSError: requests' errors and files
+    with contextlib.suppress(ImportError):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        errors.append(SQLAlchemyError)
+    with contextlib.suppress(ImportError):  # S3 artifacts (the `team` extra); boto3 wraps some of botocore's
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [Boto3Error, BotoCoreError, ClientError]
+    return tuple(errors)
+
+
 def unanswered(uri: str) -> str | None:
     """Why an HTTP(S) tracking server does not answer, or None when it does (or the store is not a server)."""
     if not uri.startswith(("http://", "https://")):

@@ -113,6 +113,16 @@ def params_digest(params: Params) -> str:
     return hashlib.sha256(json.dumps(tracking.flatten(params), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def changed_params(logged: dict[str, str], params: Params, shown: int = 5) -> str:
+    """What differs between a run's logged params and `params`: "evaluate.iwae_k: 5 -> 7", the first few."""
+    now = tracking.flatten(params)
+    changed = sorted(key for key in logged.keys() | now.keys() if logged.get(key) != now.get(key))
+    described = [f"{key}: {logged.get(key, 'unset')} -> {now.get(key, 'unset')}" for key in changed[:shown]]
+    if len(changed) > shown:
+        described.append(f"and {len(changed) - shown} more")
+    return ", ".join(described) or "the same values under another digest"
+
+
 @functools.cache
 def execution() -> str:
     """This pipeline execution: the nearest `dvc` process above this one (every stage of one `dvc repro`, or of one
@@ -143,7 +153,7 @@ def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str
         else:
             if earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest:
                 why = ("is not in the store " + tracking.tracking_uri() if earlier is None
-                       else "was logged with other params (tracking.* or train.strategy changed)")
+                       else f"was logged with other params ({changed_params(earlier.data.params, params)})")
                 log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run "
                             "that names it (tag resumed_from_run_id), with the epochs before", run_id, why)
                 extra["resumed_from_run_id"], run_id = run_id, None

@@ -27,10 +27,16 @@ def _imports(path: Path) -> set[str]:
                 names.add(module)
                 # `from cvae_pipeline import tracking` imports a module by its attribute name.
                 names.update(f"{module}.{alias.name}" for alias in node.names)
-    return {name for name in names if name.startswith(PACKAGE + ".") and (PACKAGE_DIR / _relative(name)).is_file()}
+    found = {name for name in names
+             if (name == PACKAGE or name.startswith(PACKAGE + ".")) and (PACKAGE_DIR / _relative(name)).is_file()}
+    if found and (PACKAGE_DIR / _relative(PACKAGE)).is_file():
+        found.add(PACKAGE)  # importing any module of the package runs the package's __init__.py first
+    return found
 
 
 def _relative(module: str) -> str:
+    if module == PACKAGE:
+        return "__init__.py"
     return module.removeprefix(PACKAGE + ".").replace(".", "/") + ".py"
 
 

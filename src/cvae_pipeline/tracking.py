@@ -21,7 +21,14 @@ from pathlib import Path
 
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError, UserInputError
-from cvae_pipeline.mlflow_store import URI_ENV, artifact_location, store_lock, tracking_uri, unanswered
+from cvae_pipeline.mlflow_store import (
+    URI_ENV,
+    artifact_location,
+    store_errors,
+    store_lock,
+    tracking_uri,
+    unanswered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +95,17 @@ def disable(reason: str) -> None:
 
 
 def store_failed(error: Exception) -> None:
-    """A store that failed during a stage: re-raised when required, else the rest of the stage runs without it."""
-    if _session.required:
+    """An exception from a call to the store, in an `except` block. A failure of the store stops the stage in one
+    line when tracking is required, else the rest of the stage runs without it; any other error is a bug, re-raised."""
+    if not isinstance(error, store_errors()):
         raise error
-    log.warning("MLflow failed (%s); going on without it (tracking.required is false)", error)
+    what = " ".join(f"{type(error).__name__}: {error}".split())
+    what = what if len(what) <= 300 else what[:300] + " ..."
+    if _session.required:
+        raise TrackingError(f"MLflow store {tracking_uri()} failed during the stage ({what}): start it again or "
+                            f"correct {URI_ENV}, then rerun; or set tracking.required: false to run without "
+                            "MLflow") from error
+    log.warning("MLflow failed (%s); going on without it (tracking.required is false)", what)
     _session.offline = True
 
 

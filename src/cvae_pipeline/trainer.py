@@ -78,11 +78,12 @@ class Trainer:
 
     @functools.cached_property  # hashes the whole training set: once, not at every checkpoint
     def fingerprint(self) -> str:
-        settings = dataclasses.asdict(self.params)
-        settings.pop("tracking")
-        settings.pop("registry")
-        # How the work is spread is not what is trained, but what it decides is: a run may resume under another
-        # strategy, on other devices, if they train the same batches in the same precision.
+        # What is trained: the params of the sections train depends on in dvc.yaml but tracking (where it is
+        # recorded), not evaluate's or visualize's. How the work is spread is not what is trained either, but what it
+        # decides is: a run may resume under another strategy, on other devices, if they train the same batches in
+        # the same precision.
+        settings = {"seed": self.params.seed, "model": dataclasses.asdict(self.params.model),
+                    "train": dataclasses.asdict(self.params.train)}
         settings["train"].pop("strategy")
         settings["train"].update(precision=self.precision.value, jit_compile=self.jit_compile.value,
                                  batch_size=self.training_set.batch_size,
