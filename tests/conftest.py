@@ -285,4 +285,3 @@ def timeless(history):
     from cvae_pipeline.trainer import TIMING_COLUMNS
 
     return history.drop(columns=list(TIMING_COLUMNS))
-
