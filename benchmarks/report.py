@@ -93,13 +93,13 @@ def stages(results: dict, summary: dict) -> list[str]:
     if spreads:
         lines += ["", "Each repetition's ratio (yardstick and project run back to back; their spread is the noise): "
                   + "; ".join(spreads) + "."]
-    noisy = [f"yardstick {summary.get('reference_disturbed', 0)}",
-             *(f"{name} {row.get('disturbed', 0)}" for name, row in summary["stages"].items())]
-    if any(not part.endswith(" 0") for part in noisy):
+    left_out = {"yardstick": summary.get("reference_disturbed", 0),
+                **{name: row.get("disturbed", 0) for name, row in summary["stages"].items()}}
+    if any(left_out.values()):
         lines += ["", "Repetitions left out as disturbed (their short and long runs timed the epochs both train more "
                   f"than {summary['disturbed_threshold']:.0%} apart: something else ran beside one of them), of "
-                  f"{repetitions}: " + "; ".join(noisy) + ". Where every one was, rerun `make bench` on a quieter "
-                  "machine."]
+                  f"{repetitions}: " + "; ".join(f"{name} {count}" for name, count in left_out.items())
+                  + ". Where every one was, rerun `make bench` on a quieter machine."]
     return [*lines, ""]
 
 

@@ -23,6 +23,7 @@ quality; no throughput windows, no IWAE. `--precisions`: only what
 import argparse
 import itertools
 import json
+import operator
 import statistics
 import sys
 from pathlib import Path
@@ -156,22 +157,23 @@ def summarize_stages(results: dict, summary: dict) -> None:
     if not results["stages"]:
         return
     yardstick_runs = results["reference_stages"]
+    yardstick_noisy = disturbed(yardstick_runs) if yardstick_runs else []
     reference = per_epoch_wall(yardstick_runs) if yardstick_runs else None
     summary["reference_epoch_seconds"] = reference
-    summary["reference_disturbed"] = sum(disturbed(yardstick_runs)) if yardstick_runs else 0
+    summary["reference_disturbed"] = sum(yardstick_noisy)
     summary["disturbed_threshold"] = DISTURBED
     summary["stages"] = {}
     for name, runs in results["stages"].items():
-        wall = per_epoch_wall(runs)
+        wall, noisy = per_epoch_wall(runs), disturbed(runs)
         shares = between_epochs([run for run in runs if run["epochs"] == STAGE_EPOCHS[1]])
         scoring = [row["eval_seconds"] for run in runs for row in run["history"]]
         # Each repetition's ratio pairs the runs measured back to back: their spread is the measurement's noise.
-        by_repetition = ([yardstick / project for yardstick, project, noisy, also_noisy in
-                          zip(epoch_walls(yardstick_runs), epoch_walls(runs), disturbed(yardstick_runs),
-                              disturbed(runs), strict=True) if not (noisy or also_noisy)]
+        by_repetition = ([yardstick / project for yardstick, project, left_out in
+                          zip(epoch_walls(yardstick_runs), epoch_walls(runs),
+                              map(operator.or_, yardstick_noisy, noisy), strict=True) if not left_out]
                          if yardstick_runs else [])
         summary["stages"][name] = {"epoch_seconds": wall, "ratio": reference / wall if reference and wall else None,
-                                   "ratio_by_repetition": by_repetition, "disturbed": sum(disturbed(runs)),
+                                   "ratio_by_repetition": by_repetition, "disturbed": sum(noisy),
                                    "between_epochs_median": statistics.median(shares),
                                    "between_epochs_max": max(shares), "scoring_seconds": statistics.median(scoring)}
     ttq = results.get("time_to_quality")
@@ -182,8 +184,8 @@ def summarize_stages(results: dict, summary: dict) -> None:
                                       "final_test_elbo": ttq["history"][-1]["test_elbo"]}
         if reference and reached:
             shorts = [run for run in yardstick_runs if run["epochs"] == STAGE_EPOCHS[0]]
-            short = statistics.median(run["seconds"] for run, noisy in zip(shorts, disturbed(yardstick_runs),
-                                                                           strict=True) if not noisy)
+            short = statistics.median(run["seconds"] for run, left_out in zip(shorts, yardstick_noisy, strict=True)
+                                      if not left_out)
             yardstick = short + (YARDSTICK_EPOCHS_TO_QUALITY - STAGE_EPOCHS[0]) * reference
             summary["time_to_quality"].update(yardstick_seconds=yardstick,
                                               ratio=yardstick / reached[0]["elapsed_seconds"])

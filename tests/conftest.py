@@ -252,12 +252,19 @@ def run_record(run_id: str) -> dict:
 NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow refuses cloudpickled models
 
 
-# A user's script, where the project cannot be imported (this environment's editable install of it is taken off the
-# path first): only the code that travels with the model can make it load.
-PREDICT = """
-import importlib.util, sys
-sys.path = [entry for entry in sys.path if not entry.rstrip("/").endswith("/src")]
-assert importlib.util.find_spec("cvae_pipeline") is None, "the project is importable: the test would prove nothing"
+# Python that takes this environment's editable install of the project off sys.path, as on a machine where only MLflow
+# is installed, and stops the process (status 3) when the project is still importable: a test that proved nothing.
+# A user's script starts with it; the scoring server's processes load it as their sitecustomize.
+HIDE_THE_PROJECT = """
+import importlib.util, os, sys
+sys.path[:] = [entry for entry in sys.path if not entry.rstrip("/").endswith("/src")]
+if importlib.util.find_spec("cvae_pipeline") is not None:
+    sys.stderr.write("the project is importable: the test would prove nothing\\n")
+    os._exit(3)
+"""
+
+# A user's script, where the project cannot be imported: only the code that travels with the model can make it load.
+PREDICT = HIDE_THE_PROJECT + """
 import mlflow
 import numpy as np
 mlflow.set_tracking_uri(sys.argv[1])

@@ -160,6 +160,19 @@ def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_
 
 # --- 3. one point per epoch, one model per training, across kills -------------------------------------------------
 
+def assert_one_point_per_epoch_and_one_model(runs: pd.DataFrame, checkpoint) -> None:
+    """After kills at every point of a 3-epoch training and its resume: one finished run, each epoch's metrics logged
+    once (points counted, not steps), the final metrics once, one logged model, and the checkpoint marked finished."""
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run_id = runs.iloc[0]["run_id"]
+    for key in ("test_elbo", "train_loss", "epoch_seconds"):
+        assert steps(run_id, key) == [1, 2, 3], key
+    assert steps(run_id, "final_test_elbo") == [0]
+    assert len(models_of(run_id)) == 1
+    with np.load(checkpoint) as saved:
+        assert bool(saved["finished"]) and int(saved["epoch"]) == 3
+
+
 class Killed(BaseException):
     """Stands for a kill -9 at one point of the train stage."""
 
@@ -196,15 +209,8 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
     kill(Checkpoint, "save", True, lambda self, state, *_: state.finished)  # the model is logged
     train_and_track(params, small_data, outputs)
 
-    runs = mlflow.search_runs(experiment_names=[params.tracking.experiment])
-    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
-    run_id = runs.iloc[0]["run_id"]
-    for key in ("test_elbo", "train_loss", "epoch_seconds"):
-        assert steps(run_id, key) == [1, 2, 3], key
-    assert steps(run_id, "final_test_elbo") == [0]
-    assert len(models_of(run_id)) == 1
-    with np.load(outputs.checkpoint) as saved:
-        assert bool(saved["finished"]) and int(saved["epoch"]) == 3
+    assert_one_point_per_epoch_and_one_model(mlflow.search_runs(experiment_names=[params.tracking.experiment]),
+                                             outputs.checkpoint)
 
 
 # Loaded through PYTHONPATH by every Python process of a `dvc repro`; in the train stage alone, it wraps the first
@@ -263,15 +269,7 @@ def test_kill_9s_between_checkpointing_and_logging_leave_one_point_per_epoch_and
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming after epoch 3" in done.stderr
 
-    runs = runs_in(repo_copy)
-    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
-    run_id = runs.iloc[0]["run_id"]
-    for key in ("test_elbo", "train_loss", "epoch_seconds"):
-        assert steps(run_id, key) == [1, 2, 3], key
-    assert steps(run_id, "final_test_elbo") == [0]
-    assert len(models_of(run_id)) == 1
-    with np.load(repo_copy / "models/checkpoint.npz") as saved:
-        assert bool(saved["finished"]) and int(saved["epoch"]) == 3
+    assert_one_point_per_epoch_and_one_model(runs_in(repo_copy), repo_copy / "models/checkpoint.npz")
 
 
 # --- 4. a run id the store does not know ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import (
+    HIDE_THE_PROJECT,
     NO_PICKLE,
     free_port,
     make_repo_copy,
@@ -100,18 +101,6 @@ def test_the_champion_loads_where_the_project_cannot_be_imported(trained, promot
     assert ((predicted > 0) & (predicted < 1)).all()  # probabilities, not logits
 
 
-# Loaded by every Python process of the scoring server (through PYTHONPATH): it takes this environment's editable
-# install of the project off sys.path, as on a machine where only MLflow is installed, and stops the process when
-# the project is still importable (a test that proved nothing).
-HIDE_THE_PROJECT = """
-import importlib.util, os, sys
-sys.path[:] = [entry for entry in sys.path if not entry.rstrip("/").endswith("/src")]
-if importlib.util.find_spec("cvae_pipeline") is not None:
-    sys.stderr.write("sitecustomize: cvae_pipeline is still importable\\n")
-    os._exit(3)
-"""
-
-
 @contextlib.contextmanager
 def served(trained, model_uri: str) -> Iterator[str]:
     """`mlflow models serve --env-manager local` on a free loopback port, in processes that cannot import the project
@@ -120,7 +109,7 @@ def served(trained, model_uri: str) -> Iterator[str]:
     command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p",
                str(port)]
     with tempfile.TemporaryDirectory(prefix="cvae-hidden-") as hidden:
-        (Path(hidden) / "sitecustomize.py").write_text(HIDE_THE_PROJECT)
+        (Path(hidden) / "sitecustomize.py").write_text(HIDE_THE_PROJECT)  # loaded by each of its Python processes
         env = subprocess_env(**trained["env"], **NO_PICKLE, PYTHONPATH=hidden)
         with server_process(command, cwd=trained["repo"], env=env) as (server, log):
             wait_for_http(f"http://127.0.0.1:{port}/ping", server, "the scoring server", log)
