@@ -147,15 +147,16 @@ def mlflow() -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         params = params_with()
         started = time.perf_counter()
-        with tracking.active_run(params.tracking):
-            tracking.log_params(params)
+        session = tracking.Session(params.tracking)
+        with session.open_run():
+            session.log_params(params)
             setup = time.perf_counter() - started
             epoch_costs = []
             for step in range(1, 21):
                 began = time.perf_counter()
-                tracking.log_metrics({name: float(step) for name in ("train_loss", "epoch_seconds", "eval_seconds",
+                session.log_metrics({name: float(step) for name in ("train_loss", "epoch_seconds", "eval_seconds",
                                      "images_per_second", "test_elbo", "test_reconstruction", "test_kl",
-                                     "learning_rate", "elapsed_seconds")}, step)
+                                    "learning_rate", "elapsed_seconds")}, step)
                 epoch_costs.append(time.perf_counter() - began)
             model_file = Path(folder) / "model.keras"
             build_cvae(params.model).save(model_file)

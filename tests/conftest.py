@@ -68,6 +68,13 @@ def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
     return mirror, manifest, arrays
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory):
+    """Where `train.precision: auto` keeps what it measured (devices.CACHE_ENV): one folder per test session, for the
+    stages the tests run in other processes too; never the user's own cache."""
+    os.environ["CVAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("machine-cache"))
+
+
 @pytest.fixture
 def fake_mnist(tmp_path):
     return write_fake_mnist(tmp_path)

@@ -185,7 +185,6 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
     from cvae_pipeline.training import TrainOutputs, train_and_track
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setattr(tracking, "_session", tracking._Session())
     params = params_with(model={"latent_dim": 2}, train={**TINY["train"], "epochs": 3, "batch_size": 64})
     outputs = TrainOutputs(*(tmp_path / name for name in ("m.keras", "h.csv", "t.json", "p.npz", "r.json", "c.npz")))
 
@@ -204,8 +203,8 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
             patch.setattr(owner, name, killed)
             train_and_track(params, small_data, outputs)
 
-    kill(tracking, "log_metrics", True, lambda metrics, step=None, **_: step == 2)  # epoch 2 saved, not logged
-    kill(tracking, "log_metrics", False, lambda metrics, step=None, **_: "final_epochs" in metrics)
+    kill(tracking.Session, "log_metrics", True, lambda self, metrics, step=None, **_: step == 2)  # saved, not logged
+    kill(tracking.Session, "log_metrics", False, lambda self, metrics, step=None, **_: "final_epochs" in metrics)
     kill(Checkpoint, "save", True, lambda self, state, *_: state.finished)  # the model is logged
     train_and_track(params, small_data, outputs)
 
@@ -227,7 +226,7 @@ if plan_file and sys.argv and sys.argv[0].endswith("stages/train.py"):
         sys.path.insert(0, os.path.join(os.getcwd(), "src"))  # the copy's code, as the stage itself imports it
         from cvae_pipeline import tracking
         from cvae_pipeline.checkpoints import Checkpoint
-        owner = {"tracking": tracking, "Checkpoint": Checkpoint}[point["owner"]]
+        owner = {"Session": tracking.Session, "Checkpoint": Checkpoint}[point["owner"]]
         original, matches = getattr(owner, point["name"]), eval(point["when"])
 
         def kill():
@@ -250,10 +249,10 @@ if plan_file and sys.argv and sys.argv[0].endswith("stages/train.py"):
 def test_kill_9s_between_checkpointing_and_logging_leave_one_point_per_epoch_and_one_model(repo_copy, fake_mnist,
                                                                                            tmp_path):
     plan = [  # each a kill -9 of `dvc repro train` at one point, then the next `dvc repro` resumes
-        {"owner": "tracking", "name": "log_metrics", "before": True,  # epoch 2 checkpointed, not logged
-         "when": "lambda metrics, step=None, **_: step == 2"},
-        {"owner": "tracking", "name": "log_metrics", "before": False,  # the final metrics logged, not the model
-         "when": "lambda metrics, step=None, **_: 'final_epochs' in metrics"},
+        {"owner": "Session", "name": "log_metrics", "before": True,  # epoch 2 checkpointed, not logged
+         "when": "lambda self, metrics, step=None, **_: step == 2"},
+        {"owner": "Session", "name": "log_metrics", "before": False,  # the final metrics logged, not the model
+         "when": "lambda self, metrics, step=None, **_: 'final_epochs' in metrics"},
         {"owner": "Checkpoint", "name": "save", "before": True,  # the model logged, the checkpoint not marked finished
          "when": "lambda self, state, *_, **__: state.finished"},
     ]

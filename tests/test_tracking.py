@@ -46,7 +46,6 @@ def test_experiment_tags_name_the_baseline_and_the_sweep(monkeypatch):
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "_session", tracking._Session())
     yield tmp_path
     mlflow.set_tracking_uri(None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -73,7 +72,7 @@ def test_experiment_is_created_once_for_model_training_with_artifacts_in_the_mai
                                                  (KeyboardInterrupt, "KILLED")])
 def test_a_run_never_stays_running(store, raised, status):
     expected = pytest.raises(raised) if raised else contextlib.nullcontext()
-    with expected, tracking.active_run(CFG, tags={"k": "v"}) as run:
+    with expected, tracking.Session(CFG).open_run(tags={"k": "v"}) as run:
         run_id = run.info.run_id
         if raised:
             raise raised
@@ -82,11 +81,12 @@ def test_a_run_never_stays_running(store, raised, status):
 
 
 def test_a_run_reopened_by_id_continues_and_ends_finished(store):
-    with pytest.raises(KeyboardInterrupt), tracking.active_run(CFG) as run:
-        tracking.log_metrics({"loss": 2.0}, step=1)
+    session = tracking.Session(CFG)
+    with pytest.raises(KeyboardInterrupt), session.open_run() as run:
+        session.log_metrics({"loss": 2.0}, step=1)
         raise KeyboardInterrupt
-    with tracking.active_run(CFG, run_id=run.info.run_id) as again:
-        tracking.log_metrics({"loss": 1.0}, step=2)
+    with session.open_run(run_id=run.info.run_id) as again:
+        session.log_metrics({"loss": 1.0}, step=2)
     assert again.info.run_id == run.info.run_id
     assert status_of(run.info.run_id) == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
@@ -95,7 +95,7 @@ def test_a_run_reopened_by_id_continues_and_ends_finished(store):
 
 def test_mlflow_run_id_from_the_environment_is_ignored(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
-    with tracking.active_run(CFG) as run:
+    with tracking.Session(CFG).open_run() as run:
         assert run.info.run_id != "0123456789abcdef"
 
 
@@ -117,7 +117,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     orphan = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(dead_pid())})
     alive = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(os.getpid())})
     elsewhere = client.create_run(experiment_id, tags={"host": "another-machine", "pid": str(dead_pid())})
-    with tracking.active_run(CFG) as run:
+    with tracking.Session(CFG).open_run() as run:
         assert run.data.tags["pid"] == str(os.getpid()) and run.data.tags["host"] == tracking.HOST
     assert status_of(orphan.info.run_id) == "KILLED"
     assert status_of(alive.info.run_id) == "RUNNING"  # a live process, e.g. another sweep worker
@@ -133,29 +133,31 @@ def closed_port() -> str:
 @pytest.mark.reliability
 def test_a_tracking_server_that_does_not_answer_is_an_error_when_required(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
+    session = tracking.Session(CFG)
     for _ in range(2):  # and again: a failed check is not remembered as "offline"
         with pytest.raises(tracking.TrackingError, match=r"does not answer .*tracking\.required: false"):
-            tracking.connect(CFG)
+            session.connect()
 
 
 @pytest.mark.reliability
 def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
     optional = dataclasses.replace(CFG, required=False)
-    with tracking.active_run(optional) as run:
+    session = tracking.Session(optional)
+    with session.open_run() as run:
         assert run is None
-        tracking.log_params(params_with())
-        tracking.log_metrics({"loss": 1.0}, step=1)
-        tracking.log_artifacts([tmp_path / "absent.png"], "figures")
+        session.log_params(params_with())
+        session.log_metrics({"loss": 1.0}, step=1)
+        session.log_artifacts([tmp_path / "absent.png"], "figures")
     records.write_run_reference(tmp_path / "run.json", run)
     assert records.read_run_id(tmp_path / "run.json") is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a store that works, but training ran without it
-    monkeypatch.setattr(tracking, "_session", tracking._Session())
     (tmp_path / "history.csv").write_text("epoch,train_loss,test_elbo,test_reconstruction,test_kl\n1,100,-99,90,9\n")
     (tmp_path / "train.json").write_text('{"epochs": 1}')
     upstream = Upstream(tmp_path / "run.json", tmp_path / "history.csv", tmp_path / "train.json")
-    with records.stage_run(params_with(), "evaluate", upstream) as reopened:
-        tracking.log_metrics({"eval_elbo": -80.0})
+    session = tracking.Session(CFG)
+    with records.stage_run(session, params_with(), "evaluate", upstream) as reopened:
+        session.log_metrics({"eval_elbo": -80.0})
     assert reopened is None and not list(tmp_path.glob("mlflow.db"))
 
 
@@ -163,19 +165,19 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
 
 @pytest.mark.reliability
 def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_required(store, monkeypatch):
-    def broken(name):
+    def broken(name, uri=None):
         raise ConnectionResetError("the store\nwent away")
 
     monkeypatch.setattr(tracking, "ensure_experiment", broken)
-    with pytest.raises(tracking.TrackingError) as stopped, tracking.active_run(CFG):
+    with pytest.raises(tracking.TrackingError) as stopped, tracking.Session(CFG).open_run():
         pass
     assert str(stopped.value).startswith(f"MLflow store {tracking.tracking_uri()} failed during the stage "
                                          "(ConnectionResetError: the store went away): ")
     assert "tracking.required: false" in str(stopped.value) and "\n" not in str(stopped.value)
-    monkeypatch.setattr(tracking, "_session", tracking._Session())
-    with tracking.active_run(dataclasses.replace(CFG, required=False)) as run:
+    session = tracking.Session(dataclasses.replace(CFG, required=False))
+    with session.open_run() as run:
         assert run is None
-        tracking.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
+        session.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
 
 
 @pytest.mark.parametrize("required", [True, False])
@@ -183,10 +185,11 @@ def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store
     def buggy(mlflow):
         raise TypeError("a bug in what is logged")
 
-    with tracking.active_run(dataclasses.replace(CFG, required=required)) as run:
+    session = tracking.Session(dataclasses.replace(CFG, required=required))
+    with session.open_run() as run:
         with pytest.raises(TypeError, match="a bug"):
-            tracking.log_with(buggy)
-        tracking.log_metrics({"loss": 1.0}, step=1)  # still online: a bug is not the store's failure
+            session.log_with(buggy)
+        session.log_metrics({"loss": 1.0}, step=1)  # still online: a bug is not the store's failure
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"loss": 1.0}
 
 
@@ -203,7 +206,7 @@ def test_a_run_being_reopened_is_claimed_before_it_is_running_so_no_stage_takes_
         return start_run(*args, **kwargs)
 
     monkeypatch.setattr(mlflow, "start_run", watched_start_run)
-    with tracking.active_run(CFG, run_id=previous.info.run_id):
+    with tracking.Session(CFG).open_run(run_id=previous.info.run_id):
         pass
     assert owners_at_reopening == [str(os.getpid())]
     assert status_of(previous.info.run_id) == "FINISHED"

@@ -155,15 +155,16 @@ def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, ups
     execution's MLflow run (`records.stage_run`: the training's run, or a follow-up run of its own) and to the
     training's logged model, with the data they were computed on."""
     model = load_trained(model_path, params.model)
-    with records.stage_run(params, "evaluate", upstream) as run:
+    session = tracking.Session(params.tracking)
+    with records.stage_run(session, params, "evaluate", upstream) as run:
         metrics = Evaluator(model, params.evaluate, params.seed).evaluate(data.test.images)
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
         write_json_atomic(metrics_path, metrics)
-        logged = run and records.trained_model(upstream.run_reference)
+        logged = run and records.trained_model(session, upstream.run_reference)
         model_id = logged.model_id if logged else None
         if data.source is not None:
-            lineage.log_dataset(data.source, params.data, "test", model_id)
-        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
+            lineage.log_dataset(session, data.source, params.data, "test", model_id)
+        session.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
                              dataset=lineage.dataset_key(data.source, "test") if data.source else None)
     return metrics

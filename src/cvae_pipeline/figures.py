@@ -189,7 +189,8 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path
     grids, epochs = load_progress(progress_path)
     history, _, _ = upstream.read()
     cfg, test = params.visualize, data.test
-    with records.stage_run(params, "visualize", upstream):
+    session = tracking.Session(params.tracking)
+    with records.stage_run(session, params, "visualize", upstream):
         folder.mkdir(parents=True, exist_ok=True)
         reconstructions(model, test.images, cfg, folder / "reconstructions.png")
         prior_samples(model, cfg, params.model.latent_dim, params.seed, folder / "prior_samples.png")
@@ -202,5 +203,5 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path
             written.append(folder / "latent_manifold.png")
         else:
             (folder / "latent_manifold.png").unlink(missing_ok=True)  # left from a 2-D run: it would mislead
-        tracking.log_artifacts(written, "figures")
+        session.log_artifacts(written, "figures")
     return written

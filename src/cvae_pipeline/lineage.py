@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cvae_pipeline import records, tracking
 from cvae_pipeline.config import DataParams
-from cvae_pipeline.mlflow_store import store_lock, tracking_uri
+from cvae_pipeline.mlflow_store import store_lock
 
 DATASET_NAME = "mnist_binarized"
 CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
@@ -40,9 +40,10 @@ def dataset_key(path: Path, split: str) -> tuple[str, str]:
     return f"{DATASET_NAME}/{split}", file_md5(path)
 
 
-def log_dataset(path: Path, cfg: DataParams, split: str, model_id: str | None = None) -> None:
-    """Record a split (train, test) of the prepared data at `path` as an input of the active run (with the logged
-    model `model_id` that it was used on)."""
+def log_dataset(session: tracking.Session, path: Path, cfg: DataParams, split: str,
+                model_id: str | None = None) -> None:
+    """Record a split (train, test) of the prepared data at `path` as an input of the session's run (with the
+    logged model `model_id` that it was used on)."""
     commit = records.git_commit()
     tags = {"dvc_path": path.as_posix(), "dvc_md5": file_md5(path), "data.threshold": json.dumps(cfg.threshold),
             "data.train_limit": json.dumps(cfg.train_limit), "data.test_limit": json.dumps(cfg.test_limit),
@@ -53,8 +54,8 @@ def log_dataset(path: Path, cfg: DataParams, split: str, model_id: str | None = 
 
         # MLflow creates a dataset the store has not seen; two sweep workers logging it at once race on a SQLite
         # store (UNIQUE constraint failed: datasets...), so the same lock as the store's first use serializes it.
-        with store_lock(tracking_uri()):
+        with store_lock(session.uri):
             mlflow.log_input(prepared_dataset(path, split), context=CONTEXTS[split], tags=tags,
                              model=LoggedModelInput(model_id) if model_id else None)
 
-    tracking.log_with(log)
+    session.log_with(log)

@@ -141,95 +141,98 @@ def execution() -> str:
 
 
 @contextlib.contextmanager
-def training_run(params: Params, resumed_run_id: str | None, tags: dict[str, str]) -> Iterator:
+def training_run(session: tracking.Session, params: Params, resumed_run_id: str | None,
+                 tags: dict[str, str]) -> Iterator:
     """The run of this training: a new one, or the run of the interrupted training it resumes."""
-    cfg, run_id, digest = params.tracking, resumed_run_id, params_digest(params)
+    run_id, digest = resumed_run_id, params_digest(params)
     extra = {PARAMS_DIGEST_TAG: digest, EXECUTION_TAG: execution()}
-    if run_id and tracking.connect(cfg):
+    if run_id and session.connect():
         try:
-            earlier = tracking.get_run(run_id)
+            earlier = session.get_run(run_id)
         except Exception as error:  # any store failure: fatal only when tracking is required, else offline
-            tracking.store_failed(error)
+            session.store_failed(error)
         else:
             if earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest:
-                why = ("is not in the store " + tracking.tracking_uri() if earlier is None
+                why = ("is not in the store " + session.uri if earlier is None
                        else f"was logged with other params ({changed_params(earlier.data.params, params)})")
                 log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run "
                             "that names it (tag resumed_from_run_id), with the epochs before", run_id, why)
                 extra["resumed_from_run_id"], run_id = run_id, None
     # The training alone samples system metrics: the stages that reopen its run add no second monitor.
-    with tracking.active_run(cfg, run_id, run_name("train"), {**tags, **extra}, system_metrics=True) as run:
+    with session.open_run(run_id, run_name("train"), {**tags, **extra}, system_metrics=True) as run:
         if run is not None and run_id is None:
-            tracking.log_params(params)
+            session.log_params(params)
         yield run
 
 
-def trained_model(run_reference: Path):
+def trained_model(session: tracking.Session, run_reference: Path):
     """The model logged by the training that `run_reference` names (`.model_id`, `.model_uri`), or None: trained
     without MLflow, or the store does not know the run."""
     run_id = read_run_id(run_reference)
     try:
-        return tracking.training_model(run_id) if run_id and tracking.get_run(run_id) else None
+        return session.training_model(run_id) if run_id and session.get_run(run_id) else None
     except Exception as error:  # any store failure: fatal only when tracking is required
-        tracking.store_failed(error)
+        session.store_failed(error)
         return None
 
 
 @contextlib.contextmanager
-def stage_run(params: Params, stage: str, upstream: Upstream) -> Iterator:
+def stage_run(session: tracking.Session, params: Params, stage: str, upstream: Upstream) -> Iterator:
     """The run that records `stage` of this execution: the training's run, or a follow-up run (module docstring).
     Yields None, logging nothing, when training ran without MLflow or the store is offline."""
     run_id = read_run_id(upstream.run_reference)
     history, final, metrics = upstream.read()  # before any work: a damaged file stops the stage here
     if run_id is None:
-        tracking.disable(f"{upstream.run_reference}: training ran without MLflow; these results stay in the DVC files")
-    plan = _plan(params, stage, run_id, upstream.run_reference) if run_id else None
+        session.disable(f"{upstream.run_reference}: training ran without MLflow; these results stay in the DVC files")
+    plan = _plan(session, params, stage, run_id, upstream.run_reference) if run_id else None
     if plan is None:
         yield None
         return
     target, training = plan
     if target == run_id:
-        with tracking.active_run(params.tracking, run_id) as run:
+        with session.open_run(run_id) as run:
             yield run
         return
     tags = {**source_tags(params), PARAMS_DIGEST_TAG: params_digest(params), TRAINING_RUN_TAG: run_id,
             EXECUTION_TAG: execution()}
-    with tracking.active_run(params.tracking, target, run_name(stage), tags) as run:
+    with session.open_run(target, run_name(stage), tags) as run:
         if run is not None and target is None:
-            _record_upstream(params, training, history, final, metrics if stage != "evaluate" else None)
+            _record_upstream(session, params, training, history, final, metrics if stage != "evaluate" else None)
         yield run
 
 
-def _plan(params: Params, stage: str, run_id: str, reference: Path) -> tuple[str | None, object] | None:
+def _plan(session: tracking.Session, params: Params, stage: str, run_id: str,
+          reference: Path) -> tuple[str | None, object] | None:
     """(the run to reopen: the training's `run_id`, this execution's follow-up, or None for a new follow-up; the
     training run, if the store knows it). None when the store is offline."""
-    if not tracking.connect(params.tracking):
+    if not session.connect():
         return None
     try:
-        training = tracking.get_run(run_id)
+        training = session.get_run(run_id)
         if training is None:
             log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another "
                         "store); recording %s in a new run that names it (tag %s)", reference, run_id,
-                        tracking.tracking_uri(), stage, TRAINING_RUN_TAG)
+                        session.uri, stage, TRAINING_RUN_TAG)
         elif training.data.tags.get(EXECUTION_TAG) == execution():
             return run_id, training
-        found = tracking.search_runs(params.tracking.experiment, f"tags.{EXECUTION_TAG} = '{execution()}' and "
-                                     f"tags.{TRAINING_RUN_TAG} = '{run_id}'")
+        found = session.search_runs(f"tags.{EXECUTION_TAG} = '{execution()}' and "
+                                    f"tags.{TRAINING_RUN_TAG} = '{run_id}'")
         return (found[0].info.run_id if found else None), training
     except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
-        tracking.store_failed(error)
+        session.store_failed(error)
         return None
 
 
-def _record_upstream(params: Params, training, history: pd.DataFrame, final: dict, metrics: dict | None) -> None:
+def _record_upstream(session: tracking.Session, params: Params, training, history: pd.DataFrame, final: dict,
+                     metrics: dict | None) -> None:
     """A follow-up run starts as the whole record of what it builds on: params, the training's curves and final
     metrics, evaluate's metrics (when it ran in an earlier execution), and a link to the training's logged model."""
-    tracking.log_params(params)
-    tracking.log_missing_epochs(history.to_dict("records"))
-    tracking.log_metrics({f"final_{key}": value for key, value in final.items()})
+    session.log_params(params)
+    session.log_missing_epochs(history.to_dict("records"))
+    session.log_metrics({f"final_{key}": value for key, value in final.items()})
     if metrics is not None:
-        tracking.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
+        session.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
                              tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
-    model = training and tracking.training_model(training.info.run_id)  # none when the store lacks the run
+    model = training and session.training_model(training.info.run_id)  # none when the store lacks the run
     if model:
-        tracking.set_tags({"training_model_uri": model.model_uri})
+        session.set_tags({"training_model_uri": model.model_uri})

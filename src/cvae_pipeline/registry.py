@@ -28,29 +28,28 @@ class Candidate:
     model_id: str  # the logged model's id: its URI is models:/<model_id>
 
 
-def candidates(experiment: str, sweep: str | None) -> list[Candidate]:
-    """The finished runs with a test ELBO and a model, best first."""
+def candidates(session: tracking.Session, sweep: str | None) -> list[Candidate]:
+    """The finished runs of the session's experiment with a test ELBO and a model, best first."""
     query = f"attributes.status = 'FINISHED' and metrics.{SCORE} > -1e300"
     if sweep:
         query += f" and tags.sweep = '{sweep}'"
     found = []
-    for run in tracking.search_runs(experiment, query):
-        model = tracking.training_model(run.info.run_id)
+    for run in session.search_runs(query):
+        model = session.training_model(run.info.run_id)
         uri = model.model_uri if model else run.data.tags.get("training_model_uri", "")
         if uri.startswith(MODELS):
             found.append(Candidate(run.info.run_id, run.info.run_name, run.data.metrics[SCORE], uri[len(MODELS):]))
     return sorted(found, key=lambda candidate: candidate.score, reverse=True)
 
 
-def promote(model_name: str, experiment: str, sweep: str | None = None) -> str:
+def promote(session: tracking.Session, model_name: str, sweep: str | None = None) -> str:
     """Register the best candidate's model as `model_name`@champion; returns what was done, in one line."""
     import mlflow
 
-    from cvae_pipeline.mlflow_store import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    ranked = candidates(experiment, sweep)
-    scope = f"experiment {experiment}" + (f", sweep {sweep}" if sweep else "")
+    session.connect()
+    mlflow.set_tracking_uri(session.uri)
+    ranked = candidates(session, sweep)
+    scope = f"experiment {session.cfg.experiment}" + (f", sweep {sweep}" if sweep else "")
     if not ranked:
         raise UserInputError(f"no finished run in {scope} has evaluate's {SCORE} and a logged model: run "
                              "`make repro` (or a sweep) first")
@@ -78,8 +77,7 @@ def main() -> None:
     parser.add_argument("--sweep", help="only the runs of this sweep (tag sweep), e.g. the S of a make sweep")
     args = parser.parse_args()
     params = load_params(args.params)
-    tracking.connect(params.tracking)
-    print(promote(params.registry.model_name, params.tracking.experiment, args.sweep))
+    print(promote(tracking.Session(params.tracking), params.registry.model_name, args.sweep))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     """The train stage: resume an interrupted training or start afresh, one MLflow run per training, then the
     declared outputs, and the checkpoint marked finished. `script`: the stage's entry point (its code is in the
     checkpoint's fingerprint); `started`: its `time.perf_counter()` at start. Returns the final metrics."""
-    tracking.connect(params.tracking)  # a tracking server that does not answer stops the stage before any work
+    session = tracking.Session(params.tracking)
+    session.connect()  # a tracking server that does not answer stops the stage before any work
     for path in dataclasses.astuple(outputs):
         remove_leftover_temporaries(path)  # of a run that was killed while writing
     machine = devices.detect()  # before any tensor exists: GPU memory growth can only be set then
@@ -81,26 +82,24 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
                                                     "training settings": int(trainer.fingerprint[:12], 16)},
                                  f"give every worker the same commit, params, data and {outputs.checkpoint}")
     if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
-        tracking.disable("this worker is not the chief, which logs the run")
+        session.disable("this worker is not the chief, which logs the run")
     log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s", machine.describe(),
              trainer.precision.value, trainer.precision.reason, "on" if trainer.jit_compile.value else "off",
-             trainer.strategy.num_replicas_in_sync, tracking.tracking_uri())
+             trainer.strategy.num_replicas_in_sync, session.uri)
     tags = {**records.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
-    with records.training_run(params, state.run_id, tags) as run:
+    with records.training_run(session, params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
-        run_id = state.run_id if run is not None else None  # the epochs are logged from another thread
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
-        tracking.log_missing_epochs(state.history)
+        session.log_missing_epochs(state.history)
         if data.source is not None:
-            lineage.log_dataset(data.source, params.data, "train")
-        state = trainer.fit(state, checkpoint,
-                            on_epoch=lambda epoch, m: tracking.log_metrics(m, epoch, run_id=run_id))
+            lineage.log_dataset(session, data.source, params.data, "train")
+        state = trainer.fit(state, checkpoint, on_epoch=lambda epoch, metrics: session.log_metrics(metrics, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
         records.write_run_reference(outputs.run, run)
-        tracking.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
-        tracking.log_model_once(lambda: log_model(outputs.model, trainer.scorer.images[:2].astype(np.float32)))
+        session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
+        session.log_model_once(lambda: log_model(outputs.model, trainer.scorer.images[:2].astype(np.float32)))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
     checkpoint.save(dataclasses.replace(state, finished=True))
     return final
