@@ -84,8 +84,8 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     concurrent creation by another stage)."""
     uri = uri or tracking_uri()
     mlflow = _mlflow(uri)
-    client = mlflow.MlflowClient()
-    with store_lock(uri):  # the client's first use creates the store's tables
+    with store_lock(uri):  # making a client opens the store, which creates its tables the first time
+        client = mlflow.MlflowClient()
         try:
             existing = client.get_experiment_by_name(name)
             if existing is not None:
