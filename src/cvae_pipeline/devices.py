@@ -7,7 +7,7 @@ compute capability). `auto` then means what the hardware does natively, never wh
   (Volta, Turing: tensor cores without bfloat16); float32 below. On CPUs, float32 unless the CPU has AVX512-BF16 or
   AMX and bfloat16 *measures* faster there: the flag alone does not tell (an AMD EPYC with AVX512-BF16 trained 1.3x
   faster in bfloat16, an Intel Xeon with AVX512-BF16 and AVX512-FP16 but no AMX 0.65x as fast), so the model's
-  convolutions are timed in both precisions once per machine (under a second; the result is cached, so that a
+  convolutions are timed in both precisions once per machine (about a second; the result is cached, so that a
   machine always makes the same choice and a seed the same model). On an AVX2-only CPU bfloat16 is emulated and
   trained 9x slower than float32 (an AMD EPYC of the Zen 3 generation); only x86 flags are read, so other CPUs train
   in float32. `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 (say AVX2) keeps TensorFlow's CPU kernels off bfloat16
@@ -41,7 +41,7 @@ BFLOAT16_ISA_LEVELS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX"
                        "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
                        "DEFAULT", "ALL")
 SHOWN_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides speed here
-PROBE_SECONDS = 0.15  # per precision and round: the probe takes under a second in all
+PROBE_SECONDS = 0.15  # per precision and round: with tracing, the probe takes about a second in all
 PROBE_ROUNDS = 3  # alternating, each precision's best round counts: other work on the machine slows both alike
 CACHE_ENV = "CVAE_CACHE_DIR"  # where measured speed-ups are kept (default: $XDG_CACHE_HOME/cvae-pipeline)
 

@@ -166,5 +166,5 @@ def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, ups
         if data.source is not None:
             lineage.log_dataset(session, data.source, params.data, "test", model_id)
         session.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
-                             dataset=lineage.dataset_key(data.source, "test") if data.source else None)
+                            dataset=lineage.dataset_key(data.source, "test") if data.source else None)
     return metrics

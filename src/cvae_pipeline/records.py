@@ -232,7 +232,7 @@ def _record_upstream(session: tracking.Session, params: Params, training, histor
     session.log_metrics({f"final_{key}": value for key, value in final.items()})
     if metrics is not None:
         session.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
-                             tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
+                            tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
     model = training and session.training_model(training.info.run_id)  # none when the store lacks the run
     if model:
         session.set_tags({"training_model_uri": model.model_uri})
