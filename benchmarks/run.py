@@ -44,7 +44,7 @@ DEFAULT = "default (params.yaml)"
 FLOAT32 = "float32, 120 steps a call"  # the default's settings but for the precision
 BFLOAT16 = "mixed_bfloat16, 120 steps a call"
 TUTORIAL = {"precision": "float32", "batch_size": 100, "learning_rate": 1e-4, "schedule": "constant",
-            "warmup_epochs": 0, "final_learning_rate": 0}
+            "warmup_epochs": 0, "final_learning_rate": 0, "ema_momentum": 0}
 CONFIGS = {  # name: train params over params.yaml, for the throughput windows
     "tutorial (float32, batch 100, 1 step a call)": {**TUTORIAL, "steps_per_call": 1},
     FLOAT32: {"precision": "float32", "batch_size": 100, "steps_per_call": 120},

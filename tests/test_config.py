@@ -96,6 +96,8 @@ BROKEN = [
     ("negative floor", edited(_set("train", "final_learning_rate", -1e-5)),
      "train.final_learning_rate must be a finite number >= 0, got -1e-05"),
     ("negative beta", edited(_set("train", "beta", -1)), "train.beta must be a finite number >= 0, got -1"),
+    ("average of no step", edited(_set("train", "ema_momentum", 1)),
+     "train.ema_momentum must be a number in [0, 1), got 1"),
     ("jit not a bool", edited(_set("train", "jit_compile", "yes")),
      "train.jit_compile must be true, false or auto, got 'yes'"),
     ("deterministic not a bool", edited(_set("train", "deterministic", "auto")),

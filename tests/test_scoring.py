@@ -10,7 +10,7 @@ from cvae_pipeline.model import build_cvae
 from cvae_pipeline.trainer import Trainer
 
 BFLOAT16 = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "eval_limit": None,
-            "precision": "mixed_bfloat16"}
+            "precision": "mixed_bfloat16", "ema_momentum": 0}
 
 
 def bfloat16_trainer(data) -> Trainer:

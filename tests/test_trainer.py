@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from conftest import params_with
 from cvae_pipeline.errors import TrainingError
+from cvae_pipeline.losses import elbo_terms
+from cvae_pipeline.model import build_cvae
 from cvae_pipeline.trainer import TIMING_COLUMNS, Trainer
 from cvae_pipeline.training import final_metrics
 
@@ -127,7 +129,8 @@ def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, 
         assert (whole.precision.value, whole.jit_compile.value) == (precision, jit_compile)
         assert whole._train_step._jit_compile is jit_compile  # what the compiled step was built with
         assert whole.model.encoder.get_layer("encoder_conv_1").compute_dtype == precision.removeprefix("mixed_")
-        assert whole.optimizer.__class__.__name__ == ("LossScaleOptimizer" if precision == "mixed_float16" else "Adam")
+        assert whole.optimizer.__class__.__name__ == ("LossScaleOptimizer" if precision == "mixed_float16"
+                                                      else "AveragingAdam")
         first, second = whole_state.history
         assert second["train_loss"] < first["train_loss"] and second["test_elbo"] > first["test_elbo"]
         interrupt_after(params, small_data, tmp_path / "resumed.npz", epoch=1)
@@ -306,7 +309,8 @@ def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
     monkeypatch.setattr(checkpoints, "save", save)
-    trainer, state = train_fresh(small_params(epochs=2), small_data, tmp_path / "c.npz")
+    # No average of the weights: the model keeps the weights the checkpoint holds.
+    trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0), small_data, tmp_path / "c.npz")
     with np.load(tmp_path / "c.npz") as saved:  # fit returns once the last epoch's checkpoint is on disk
         assert int(saved["epoch"]) == 2
         np.testing.assert_array_equal(saved["model_000"], trainer.model.get_weights()[0])
@@ -323,3 +327,47 @@ def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, mon
     monkeypatch.setattr(checkpoints, "save", save)
     with pytest.raises(OSError, match="No space left"):
         train_fresh(small_params(epochs=3), small_data, tmp_path / "c.npz")
+
+
+# --- issue 16: the moving average of the weights -------------------------------------------------
+
+def test_the_average_of_the_weights_warms_up_its_momentum_then_keeps_ema_momentum():
+    from cvae_pipeline.optimization import make_optimizer
+
+    weight = keras.Variable(np.zeros(3, np.float32))
+    optimizer = make_optimizer(small_params(ema_momentum=0.8, learning_rate=0.5).train, "float32", 10)
+    optimizer.build([weight])
+    expected = None
+    for step in range(30):
+        optimizer.apply([tf.constant([1.0, -2.0, 0.5])], [weight])
+        # TensorFlow's ExponentialMovingAverage(num_updates=step): the first step's weights start it.
+        momentum = 0.0 if step == 0 else min(0.8, (1 + step) / (10 + step))
+        expected = weight.numpy() if expected is None else momentum * expected + (1 - momentum) * weight.numpy()
+        np.testing.assert_allclose(optimizer._model_variables_moving_average[0].numpy(), expected, rtol=1e-5)
+    assert not np.allclose(expected, weight.numpy())  # an average of the path, not its end
+    assert not make_optimizer(small_params(ema_momentum=0).train, "float32", 10).use_ema
+
+
+def float32_elbo(trainer, weights) -> float:
+    """The test ELBO of `weights` in a float32 model, as the scorer computes it."""
+    model = build_cvae(trainer.params.model, "float32")
+    model.set_weights(weights)
+    reconstruction, kl = elbo_terms(model, tf.constant(trainer.scorer.images.astype(np.float32)),
+                                    trainer.scorer.noise)
+    return -float(tf.reduce_mean(reconstruction + kl))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights(small_data, tmp_path, precision):
+    try:
+        trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0.9, precision=precision), small_data,
+                                     tmp_path / "c.npz")
+        with np.load(tmp_path / "c.npz") as saved:  # the checkpoint keeps the weights themselves, to resume from
+            weights = [saved[f"model_{i:03d}"] for i in range(len(trainer.model.weights))]
+        model = [w.astype(np.float32) for w in trainer.model.get_weights()]
+        assert not all(np.allclose(a, b) for a, b in zip(weights, model, strict=True))
+        scored = state.history[-1]["test_elbo"]
+        assert float32_elbo(trainer, model) == pytest.approx(scored, abs=1e-3)  # the model is what was scored
+        assert abs(float32_elbo(trainer, weights) - scored) > 1e-2
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")

@@ -110,6 +110,7 @@ class TrainParams:
     schedule: str = param(choice(*SCHEDULES))
     warmup_epochs: int = param(integer(0))
     final_learning_rate: float = param(number(0.0, low_inclusive=True))
+    ema_momentum: float = param(number(0.0, 1.0, low_inclusive=True))
     kl: str = param(choice(*KL_MODES))
     beta: float = param(number(0.0, low_inclusive=True))
     precision: str = param(choice(*PRECISIONS))

@@ -23,9 +23,26 @@ def learning_rate(cfg: TrainParams, steps_per_epoch: int) -> float | keras.optim
     )
 
 
+class AveragingAdam(keras.optimizers.Adam):
+    """Adam keeping Keras' moving average of the weights (`use_ema`), whose momentum warms up as TensorFlow's
+    `ExponentialMovingAverage(num_updates=...)` does: min(ema_momentum, (1 + t) / (10 + t)) at step t.
+    Keras' own average weighs the initial weights by ema_momentum ** t, which at 0.995 still leaves them 5% of the
+    average after 600 steps: a quick run of an epoch or two would be scored and saved mostly untrained."""
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        steps = keras.ops.cast(self.iterations, "float32")  # before this step's increment: 0 at the first step
+        # As Keras: the first step's weights start the average (it has no value before them).
+        momentum = keras.ops.minimum(self.ema_momentum, (1.0 + steps) / (10.0 + steps)) * keras.ops.sign(steps)
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+            average.assign_sub((1.0 - momentum) * (average - variable))  # = momentum * average + (1 - momentum) * ...
+
+
 def make_optimizer(cfg: TrainParams, precision: str, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with the configured schedule; with loss scaling under float16, whose small gradients underflow."""
-    optimizer = keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch))
+    """Adam with the configured schedule, keeping the moving average of the weights when `cfg.ema_momentum` > 0
+    (among the optimizer's variables: the checkpoint holds it); with loss scaling under float16, whose small
+    gradients underflow."""
+    optimizer = AveragingAdam(learning_rate(cfg, steps_per_epoch), use_ema=cfg.ema_momentum > 0,
+                              ema_momentum=cfg.ema_momentum)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

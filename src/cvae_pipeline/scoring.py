@@ -2,11 +2,14 @@
 
 The per-epoch test ELBO is the number time to quality is read from, so it must not be a bfloat16 or float16 estimate:
 a float32 twin of the model takes the trained weights before each scoring (the model itself, when it trains in
-float32). The twin also decodes the tutorial's progress grid, from fixed latent vectors.
+float32 and keeps no average). When the optimizer keeps a moving average of the weights, the twin takes that
+average, which is what the train stage saves as the model. The twin also decodes the tutorial's progress grid, from
+fixed latent vectors.
 """
 
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -22,21 +25,29 @@ class TestScorer:
     __test__ = False  # a scorer of test sets, not a pytest test class
 
     def __init__(self, model: CVAE, cfg: ModelParams, images: np.ndarray, seed: int, float32: bool,
-                 jit_compile: bool):
-        """`images`: (n, 28, 28, 1) binarized; `float32`: whether `model` trains in float32 (then it scores itself)."""
+                 jit_compile: bool, averaging: keras.optimizers.Optimizer | None = None):
+        """`images`: (n, 28, 28, 1) binarized; `float32`: whether `model` trains in float32 (then, without
+        `averaging`, it scores itself); `averaging`: the optimizer whose moving average of the weights (Keras'
+        `use_ema`) is scored instead of the weights, once it has taken a step. Build it in the strategy's scope."""
         self.model = model
         self.images = images
-        self.twin = model if float32 else build_cvae(cfg, "float32")
+        self.averaging = averaging
+        self.twin = model if float32 and averaging is None else build_cvae(cfg, "float32")
         rng = np.random.default_rng([seed, 1])  # one fixed draw of z per image, and the grid's latent vectors
         self.noise = rng.standard_normal((len(images), cfg.latent_dim)).astype(np.float32)
         self.progress_latent = tf.constant(rng.standard_normal((PROGRESS_IMAGES, cfg.latent_dim)).astype(np.float32))
         self._score = tf.function(self._score_chunk, jit_compile=jit_compile)
-        self._copy = tf.function(self._copy_weights) if not float32 else lambda: None
+        self._copy = tf.function(self._copy_weights) if self.twin is not model else lambda: None
         self._decode_progress = tf.function(self._progress)
 
     def take_weights(self) -> None:
-        """The twin takes the model's current weights (`evaluate` does this first)."""
-        self._copy()
+        """The twin takes the model's current weights, or their average once there is one (`evaluate` does this
+        first)."""
+        if self.averaging is not None and int(keras.ops.convert_to_numpy(self.averaging.iterations)) > 0:
+            # Keras' own way to put the averages in place (as `fit` ends), here into the twin, not the model.
+            self.averaging.finalize_variable_values(self.twin.trainable_variables)
+        else:
+            self._copy()
 
     def _copy_weights(self):
         for target, source in zip(self.twin.weights, self.model.weights, strict=True):
@@ -51,7 +62,7 @@ class TestScorer:
         return tf.round(tf.sigmoid(self.twin.decode(self.progress_latent))[..., 0] * 255)
 
     def evaluate(self) -> dict[str, float]:
-        """The model's test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
+        """The test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
         computed in float32; and the seconds it took."""
         started = time.perf_counter()
         self.take_weights()
@@ -67,5 +78,5 @@ class TestScorer:
 
     def progress_grid(self) -> np.ndarray:
         """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights the twin
-        last took (with a float32 model: its current ones)."""
+        last took (when the model scores itself: its current ones)."""
         return self._decode_progress().numpy().astype(np.uint8)

@@ -63,8 +63,10 @@ class Trainer:
                                                          self.training_set.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
             self.generator = tf.random.Generator.from_seed(params.seed)
-        self.scorer = TestScorer(self.model, params.model, data.test.images[: cfg.eval_limit, ..., None], params.seed,
-                                 self.precision.value == "float32", self.jit_compile.value)
+            # In the scope: a twin the averages are written into must be placed like the model.
+            self.scorer = TestScorer(self.model, params.model, data.test.images[: cfg.eval_limit, ..., None],
+                                     params.seed, self.precision.value == "float32", self.jit_compile.value,
+                                     self.optimizer if cfg.ema_momentum > 0 else None)
         self._train_step = tf.function(self._step, jit_compile=self.jit_compile.value)
         # The loop over a call's steps stays outside XLA: it reads the tf.data iterator.
         self._train_steps = tf.function(self._steps)
@@ -175,6 +177,9 @@ class Trainer:
                 # A kill between the checkpoint and the logging is mended by the next start.
                 saver.submit(functools.partial(save_then, checkpoint, state, checkpoint.variables(),
                                                functools.partial(on_epoch, epoch, metrics)))
+        # The trained model is what every epoch scored: the average of the weights, when one is kept (Keras' `fit`
+        # ends the same way). The checkpoint holds the weights and the average apart, to resume from.
+        self.optimizer.finalize_variable_values(self.model.trainable_variables)
         return state
 
 
