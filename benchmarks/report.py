@@ -111,7 +111,9 @@ def time_to_quality(results: dict, summary: dict, target: float, yardstick_epoch
     train = params_with().train
     recipe = (f"{train.epochs} epochs, batch {train.batch_size}, Adam {train.learning_rate:g}, {train.schedule} "
               f"schedule" + (f" ({train.warmup_epochs} warm-up epoch(s), to {train.final_learning_rate:g})"
-                             if train.schedule == "cosine" else ""))
+                             if train.schedule == "cosine" else "")
+              + (f", the average of the weights at momentum {train.ema_momentum:g} scored and saved"
+                 if train.ema_momentum else ""))
     lines = ["## Time to quality", ""]
     if ttq["epoch"] is None:
         return [*lines, f"The default train stage ({recipe}) did NOT reach test ELBO {target} (final "
