@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.model import CVAE, build_cvae
+from cvae_pipeline.model import CVAE, OneChannelConv2DTranspose, build_cvae
 
 
 @pytest.mark.parametrize(("latent_dim", "count"), [(50, 366_533), (2, 69_989)])
@@ -69,3 +70,40 @@ def test_a_model_file_with_code_in_it_is_refused_by_safe_mode(tmp_path):
     with pytest.raises(UserInputError, match=r"unsafe\.keras: not a model this version of cvae_pipeline can load "
                                               r".*safe_mode"):
         load_trained(tmp_path / "unsafe.keras", ModelParams(2, (32, 64), (64, 32)))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_one_channel_output_layer_is_keras_conv2d_transpose(policy):
+    rng = np.random.default_rng(0)
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        ours = OneChannelConv2DTranspose(1, 3, strides=1, padding="same")
+        theirs = keras.layers.Conv2DTranspose(1, 3, strides=1, padding="same")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    inputs = tf.constant(rng.normal(0, 1, (2, 28, 28, 6)), tf.float32)
+    ours.build(inputs.shape)
+    theirs.build(inputs.shape)
+    # Weights set after building, as training changes them: an asymmetric kernel and a bias, so that a kernel left
+    # unflipped or a bias dropped would show.
+    kernel = rng.normal(0, 0.5, (3, 3, 1, 6))
+    for layer in (ours, theirs):
+        layer.kernel.assign(kernel)
+        layer.bias.assign([0.7])
+
+    def outputs_and_gradients(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = tf.cast(layer(inputs), tf.float32)
+            loss = tf.reduce_sum(outputs * tf.linspace(-1.0, 1.0, 28)[:, None, None])
+        return [outputs, *tape.gradient(loss, [inputs, layer.kernel, layer.bias])]
+
+    tolerance = 1e-5 if policy == "float32" else 0.1  # bfloat16 keeps 8 bits of mantissa; sums of 54 products
+    for mine, reference in zip(outputs_and_gradients(ours), outputs_and_gradients(theirs), strict=True):
+        assert mine.dtype == reference.dtype and mine.shape == reference.shape
+        np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_one_channel_output_layer_refuses_another_layout():
+    with pytest.raises(ValueError, match="1 filter, strides 1, padding 'same'"):
+        OneChannelConv2DTranspose(1, 3, strides=2, padding="same")

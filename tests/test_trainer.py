@@ -371,3 +371,24 @@ def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights
         assert abs(float32_elbo(trainer, weights) - scored) > 1e-2
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_the_fused_adam_step_is_keras_adam(steps):
+    from cvae_pipeline.optimization import make_optimizer
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(0, 1, (4, 3)).astype(np.float32)
+    ours, theirs = keras.Variable(start), keras.Variable(start)
+    fused = make_optimizer(small_params(ema_momentum=0, learning_rate=0.1).train, "float32", 10)
+    keras_adam = keras.optimizers.Adam(0.1)
+    for optimizer, weight in ((fused, ours), (keras_adam, theirs)):
+        optimizer.build([weight])
+    for _ in range(steps):  # gradients of changing sign and scale: the moments and their bias corrections show
+        gradient = tf.constant(rng.normal(0, 3, (4, 3)).astype(np.float32))
+        fused.apply([gradient], [ours])
+        keras_adam.apply([gradient], [theirs])
+    # To float32 rounding: Keras computes the moments as m + (g - m) * (1 - beta), the kernel as beta * m + ...
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused._velocities[0].numpy(), keras_adam._velocities[0].numpy(), rtol=1e-4)
+    assert not np.allclose(ours.numpy(), start)

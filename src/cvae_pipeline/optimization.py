@@ -27,7 +27,25 @@ class AveragingAdam(keras.optimizers.Adam):
     """Adam keeping Keras' moving average of the weights (`use_ema`), whose momentum warms up as TensorFlow's
     `ExponentialMovingAverage(num_updates=...)` does: min(ema_momentum, (1 + t) / (10 + t)) at step t.
     Keras' own average weighs the initial weights by ema_momentum ** t, which at 0.995 still leaves them 5% of the
-    average after 600 steps: a quick run of an epoch or two would be scored and saved mostly untrained."""
+    average after 600 steps: a quick run of an epoch or two would be scored and saved mostly untrained.
+
+    Each variable's step is TensorFlow's fused Adam kernel, the same update as Keras' to float rounding: Keras
+    composes it of a dozen small operations per variable, which cost 1 ms a step (4% of a float32 step on 2 CPU
+    cores); the kernel, 0.5 ms."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if keras.backend.backend() != "tensorflow" or self.amsgrad:
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf  # the model and its optimizer load on Keras' other backends too
+
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.constant(self.beta_1, dtype), tf.constant(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
+            beta1_power=beta_1**step, beta2_power=beta_2**step, lr=tf.cast(learning_rate, dtype), beta1=beta_1,
+            beta2=beta_2, epsilon=tf.constant(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
 
     def _update_model_variables_moving_average(self, trainable_variables):
         steps = keras.ops.cast(self.iterations, "float32")  # before this step's increment: 0 at the first step
