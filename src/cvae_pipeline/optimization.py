@@ -1,6 +1,7 @@
 """The optimizer and its step size over training, from the train section of params.yaml."""
 
 import keras
+import tensorflow as tf
 
 from cvae_pipeline.config import TrainParams
 
@@ -34,10 +35,8 @@ class AveragingAdam(keras.optimizers.Adam):
     cores); the kernel, 0.5 ms."""
 
     def update_step(self, gradient, variable, learning_rate):
-        if keras.backend.backend() != "tensorflow" or self.amsgrad:
+        if self.amsgrad:  # a third moment the kernel does not keep
             return super().update_step(gradient, variable, learning_rate)
-        import tensorflow as tf  # the model and its optimizer load on Keras' other backends too
-
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)
