@@ -107,3 +107,10 @@ def test_the_one_channel_output_layer_is_keras_conv2d_transpose(policy):
 def test_the_one_channel_output_layer_refuses_another_layout():
     with pytest.raises(ValueError, match="1 filter, strides 1, padding 'same'"):
         OneChannelConv2DTranspose(1, 3, strides=2, padding="same")
+
+
+def test_the_decoder_computes_its_last_layer_as_a_depthwise_convolution():
+    model = build_cvae(ModelParams(4, (4, 8), (8, 4)))
+    assert isinstance(model.decoder.get_layer("decoder_logits"), OneChannelConv2DTranspose)
+    traced = tf.function(model.decode).get_concrete_function(tf.TensorSpec((2, 4), tf.float32)).graph
+    assert "DepthwiseConv2dNative" in {operation.type for operation in traced.get_operations()}

@@ -392,3 +392,10 @@ def test_the_fused_adam_step_is_keras_adam(steps):
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fused._velocities[0].numpy(), keras_adam._velocities[0].numpy(), rtol=1e-4)
     assert not np.allclose(ours.numpy(), start)
+
+    # The step is TensorFlow's fused kernel: Keras' own composition of small operations would match the above too.
+    def step(gradient):
+        fused.apply([gradient], [ours])
+
+    traced = tf.function(step).get_concrete_function(tf.TensorSpec((4, 3), tf.float32)).graph
+    assert "ResourceApplyAdam" in {operation.type for operation in traced.get_operations()}
