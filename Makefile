@@ -100,7 +100,7 @@ mlflow-server: $(STAMP)
 		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)")
 
 compare: $(STAMP)
-	python -m cvae_pipeline.comparison --out $(COMPARE)
+	python -m cvae_pipeline.commands.compare --out $(COMPARE)
 
 # A whole sweep: prepare once (workers that each prepared would write the same outputs into DVC's cache at once),
 # queue one experiment per combination, run them on J workers and wait, then compare. Fails if any experiment failed.
@@ -112,14 +112,14 @@ sweep: $(STAMP)
 	own data: running them on 1 worker instead of $(J) (two preparing at once race in DVC's cache)" >&2)
 	dvc repro prepare
 	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
-	python -m cvae_pipeline.sweep_queue --jobs $(SWEEP_JOBS) --log $(SWEEP_LOG)
+	python -m cvae_pipeline.commands.sweep --jobs $(SWEEP_JOBS) --log $(SWEEP_LOG)
 	$(MAKE) --no-print-directory compare
 
 promote: $(STAMP)
-	python -m cvae_pipeline.registry $(if $(SWEEP),--sweep '$(SWEEP)')
+	python -m cvae_pipeline.commands.promote $(if $(SWEEP),--sweep '$(SWEEP)')
 
 sample: $(STAMP)
-	python -m cvae_pipeline.sampling $(if $(MODEL),'$(MODEL)') --count $(N) --seed $(SEED) --out '$(OUT)' --manifold $(MANIFOLD)
+	python -m cvae_pipeline.commands.sample $(if $(MODEL),'$(MODEL)') --count $(N) --seed $(SEED) --out '$(OUT)' --manifold $(MANIFOLD)
 
 # About 40 minutes: see benchmarks/run.py. BENCH_FLAGS=--quick (the wall clock alone: one stage repetition and time
 # to quality, about 15 minutes) or --precisions (the default against float32 and mixed_bfloat16 only: a few minutes).

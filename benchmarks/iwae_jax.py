@@ -2,7 +2,7 @@
 
 The pipeline's `evaluate` stage needs TensorFlow; a machine with only JAX (a lent GPU with no package registry, say)
 can still score the model file it wrote: Keras 3 loads `models/cvae.keras` on its JAX backend and this script
-computes the same estimator as `cvae_pipeline.evaluation` (one set of K draws z ~ q(z|x) per test image;
+computes the same estimator as `cvae_pipeline.evaluation.stage` (one set of K draws z ~ q(z|x) per test image;
 log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x) over the first k draws for each k asked for), in float32 with
 full-precision matrix products (no TF32). Its draws are JAX's, so its bounds differ from evaluate's by Monte Carlo
 noise only: the README's k=5000 figure came from here, with k=1000 and k=2500 matching evaluate's to 0.02 nats.

@@ -70,7 +70,7 @@ def peak() -> dict:
 def project(overrides: dict) -> dict:
     """The training loop's throughput: windows of WINDOW_IMAGES after a warm-up epoch."""
     from cvae_pipeline.data import PreparedData, Split, load_prepared
-    from cvae_pipeline.trainer import Trainer
+    from cvae_pipeline.training.loop import Trainer
 
     data = load_prepared(PREPARED)
     subset = PreparedData(Split(data.train.images[:WINDOW_IMAGES], data.train.labels[:WINDOW_IMAGES]), data.test)
@@ -125,8 +125,8 @@ def iwae(config: dict) -> dict:
     """The evaluate stage's scoring (ELBO and IWAE with `k`) of the test set, by an untrained model."""
     from cvae_pipeline.config import EvaluateParams
     from cvae_pipeline.data import load_prepared
-    from cvae_pipeline.evaluation import Evaluator
-    from cvae_pipeline.model import build_cvae
+    from cvae_pipeline.evaluation.stage import Evaluator
+    from cvae_pipeline.model.network import build_cvae
 
     params = params_with()
     cfg = EvaluateParams(**{**params.evaluate.__dict__, "iwae_k": config.get("k", params.evaluate.iwae_k)})
@@ -141,7 +141,7 @@ def mlflow() -> dict:
     import numpy as np
 
     from cvae_pipeline import tracking
-    from cvae_pipeline.model import build_cvae
+    from cvae_pipeline.model.network import build_cvae
 
     with tempfile.TemporaryDirectory() as folder:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
@@ -161,7 +161,7 @@ def mlflow() -> dict:
             model_file = Path(folder) / "model.keras"
             build_cvae(params.model).save(model_file)
             began = time.perf_counter()
-            from cvae_pipeline.training import log_model
+            from cvae_pipeline.training.stage import log_model
 
             log_model(model_file, np.zeros((2, 28, 28, 1), np.float32))
             model_seconds = time.perf_counter() - began
@@ -171,8 +171,8 @@ def mlflow() -> dict:
 
 def startup() -> dict:
     """Seconds from process start to a stage's libraries loaded (what every stage pays before its work)."""
-    imports = {"prepare": "cvae_pipeline.data", "train": "cvae_pipeline.training",
-               "evaluate": "cvae_pipeline.evaluation", "visualize": "cvae_pipeline.figures"}
+    imports = {"prepare": "cvae_pipeline.data", "train": "cvae_pipeline.training.stage",
+               "evaluate": "cvae_pipeline.evaluation.stage", "visualize": "cvae_pipeline.evaluation.figures"}
     result = {}
     for name, module in imports.items():
         times = []

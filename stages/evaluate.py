@@ -10,14 +10,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.evaluation.train_outputs import Upstream
 
 
 def main() -> None:
     args = stage_arguments(__doc__, ["prepared", "model", "run", "history", "train_metrics", "metrics"])
     params = load_params(args.params)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cvae_pipeline.evaluation import evaluate_and_track  # TensorFlow loads after validation
+    from cvae_pipeline.evaluation.stage import evaluate_and_track  # TensorFlow loads after validation
 
     data = load_prepared(args.prepared)
     upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics))

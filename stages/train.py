@@ -21,7 +21,7 @@ def main() -> None:
     args = stage_arguments(__doc__, ["prepared", *OUTPUTS])
     params = load_params(args.params)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cvae_pipeline.training import TrainOutputs, train_and_track  # TensorFlow loads after validation
+    from cvae_pipeline.training.stage import TrainOutputs, train_and_track  # TensorFlow loads after validation
 
     data = load_prepared(args.prepared)
     outputs = TrainOutputs(**{name: Path(getattr(args, name)) for name in OUTPUTS})

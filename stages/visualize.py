@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.evaluation.train_outputs import Upstream
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
                                      "figures"])
     params = load_params(args.params)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cvae_pipeline.figures import draw_all  # TensorFlow loads after validation
+    from cvae_pipeline.evaluation.figures import draw_all  # TensorFlow loads after validation
 
     upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics), Path(args.metrics))
     draw_all(params, load_prepared(args.prepared), Path(args.model), Path(args.progress), upstream,

@@ -296,6 +296,6 @@ def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarr
 
 def timeless(history):
     """A training history (pandas.DataFrame) without its timing columns: what a seed fixes on one machine."""
-    from cvae_pipeline.trainer import TIMING_COLUMNS
+    from cvae_pipeline.training.loop import TIMING_COLUMNS
 
     return history.drop(columns=list(TIMING_COLUMNS))

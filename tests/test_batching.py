@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cvae_pipeline.batching import TrainingSet
-from cvae_pipeline.devices import Machine
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.training.batches import TrainingSet
+from cvae_pipeline.training.hardware import Machine
 
 CPU = Machine("test CPU", frozenset({"avx2"}))
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from cvae_pipeline.checkpoints import Saver
+from cvae_pipeline.training.checkpoints import Saver
 
 
 def test_work_runs_in_order_one_at_a_time_off_the_calling_thread():

@@ -2,7 +2,7 @@
 
 import math
 
-from cvae_pipeline.comparison import experiments_table, markdown
+from cvae_pipeline.commands.compare import experiments_table, markdown
 
 
 def row(name, learning_rate, elbo, **metrics):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cvae_pipeline.convolution import one_channel_conv_transpose
+from cvae_pipeline.model.convolution import one_channel_conv_transpose
 
 
 @pytest.mark.parametrize("channels", [1, 5])

@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import params_with
-from cvae_pipeline import devices
-from cvae_pipeline.devices import Gpu, Machine, choose_jit, choose_precision, parse_cpuinfo, replica_batch
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.training import hardware
+from cvae_pipeline.training.hardware import Gpu, Machine, choose_jit, choose_precision, parse_cpuinfo, replica_batch
+from cvae_pipeline.training.loop import Trainer
 
 ZEN3 = Machine("AMD EPYC 7763 64-Core Processor", frozenset({"fpu", "sse2", "avx", "avx2", "fma"}))
 ZEN4 = Machine("AMD EPYC 9654 96-Core Processor", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -65,8 +65,8 @@ def test_auto_precision_is_what_the_hardware_computes_natively_and_measures_fast
 ])
 def test_an_explicit_precision_is_kept_with_a_warning_when_the_hardware_emulates_it_or_measured_it_slower(
         machine, precision, warned, caplog, monkeypatch):
-    monkeypatch.setattr(devices, "cached_bfloat16_speedup", lambda found: SPEEDUPS.get(found))  # measured before
-    with caplog.at_level(logging.WARNING, logger=devices.__name__):
+    monkeypatch.setattr(hardware, "cached_bfloat16_speedup", lambda found: SPEEDUPS.get(found))  # measured before
+    with caplog.at_level(logging.WARNING, logger=hardware.__name__):
         assert choose_precision(precision, machine, speedup_of).value == precision
     if warned:
         assert f"train.precision={precision}: " in caplog.text and warned in caplog.text
@@ -78,7 +78,7 @@ def test_an_explicit_precision_is_kept_with_a_warning_when_the_hardware_emulates
 def test_auto_jit_compiles_with_xla_on_gpus_only():
     assert choose_jit("auto", gpus((8, 0))).value is True
     assert choose_jit("auto", ZEN4).value is False
-    assert choose_jit(True, ZEN4) == devices.Choice(True, "set in params")
+    assert choose_jit(True, ZEN4) == hardware.Choice(True, "set in params")
 
 
 @pytest.mark.parametrize(("replicas", "batch"), [(1, 100), (2, 100), (3, 99), (4, 100), (5, 100), (6, 96), (7, 98),
@@ -99,7 +99,7 @@ def small(**train):
 @pytest.mark.parametrize(("machine", "policy"), [(ZEN3, "float32"), (ZEN4, "mixed_bfloat16"),
                                                  (XEON_WITHOUT_AMX, "float32")])
 def test_the_trainer_trains_in_the_precision_auto_chose(small_data, machine, policy, monkeypatch):
-    monkeypatch.setattr(devices, "measured_bfloat16_speedup", speedup_of)
+    monkeypatch.setattr(hardware, "measured_bfloat16_speedup", speedup_of)
     try:
         trainer = Trainer(small(precision="auto", jit_compile="auto"), small_data, machine=machine)
         assert trainer.precision.value == policy
@@ -124,15 +124,15 @@ def test_on_a_gpu_the_images_are_kept_in_a_dtype_with_a_gather_kernel_and_train_
 @pytest.mark.parametrize(("limit", "precision"), [(None, "mixed_bfloat16"), ("avx2", "float32"),
                                                   ("AVX512_CORE", "float32"), ("AVX512_CORE_AMX", "mixed_bfloat16")])
 def test_a_onednn_isa_limit_below_bfloat16_makes_auto_take_float32(limit, precision, tmp_path, monkeypatch):
-    monkeypatch.setattr(devices, "measured_bfloat16_speedup", lambda machine: 1.3)
+    monkeypatch.setattr(hardware, "measured_bfloat16_speedup", lambda machine: 1.3)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: AMD EPYC 9654\nflags\t\t: avx2 avx512f avx512_bf16\n")
-    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
     if limit:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     else:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    machine = devices.detect()
+    machine = hardware.detect()
     choice = choose_precision("auto", machine)
     assert choice.value == precision
     if precision == "float32":
@@ -149,7 +149,7 @@ def test_the_probe_measures_bfloat16_against_float32_without_touching_the_seeded
     keras.utils.set_random_seed(7)
     expected = seeded_draws()
     keras.utils.set_random_seed(7)
-    speedup = devices.bfloat16_speedup()
+    speedup = hardware.bfloat16_speedup()
     assert seeded_draws() == expected
     assert 0.02 < speedup < 50  # a ratio of two measured rates, whatever this CPU makes of bfloat16
 
@@ -162,7 +162,7 @@ def test_a_machine_measures_once_and_then_always_chooses_the_same(tmp_path, monk
         return 1.2 if len(measured) % 2 else 0.8  # noise about 1: uncached, the choice would flip from run to run
 
     monkeypatch.setenv("CVAE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(devices, "bfloat16_speedup", probe)
+    monkeypatch.setattr(hardware, "bfloat16_speedup", probe)
     choices = {choose_precision("auto", ZEN4).value for _ in range(3)}
     assert choices == {"mixed_bfloat16"} and len(measured) == 1
     assert choose_precision("auto", XEON_WITHOUT_AMX).value == "float32" and len(measured) == 2  # another CPU

@@ -13,7 +13,7 @@ import pandas
 import pytest
 
 from conftest import REPO, make_repo_copy, runs_in, setup_copy, subprocess_env, timeless
-from cvae_pipeline.distribution import resolve
+from cvae_pipeline.training.distribution import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from conftest import params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.training.loop import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
 if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many images: its size is the gradient's
     keras.optimizers.Adam = keras.optimizers.SGD
@@ -166,7 +166,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.training.loop import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
 trainer = Trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
                                                                "precision": "float32"}}), data)
@@ -195,7 +195,7 @@ def test_when_a_worker_dies_the_others_stop_saying_so():
 AGREEMENT = """
 import os, sys
 import tensorflow as tf
-from cvae_pipeline.distribution import require_same_on_every_worker
+from cvae_pipeline.training.distribution import require_same_on_every_worker
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 require_same_on_every_worker(strategy, {"checkpoint epoch": int(sys.argv[1])}, "give them the same checkpoint")
 print("AGREED")
@@ -229,7 +229,7 @@ def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
         out, _ = process.communicate(timeout=900)
         assert process.returncode == 0, out[-3000:]
         assert "2 replica(s)" in out  # one cluster, not two machines each training alone
-    from cvae_pipeline.trainer import TIMING_COLUMNS
+    from cvae_pipeline.training.loop import TIMING_COLUMNS
 
     chief, other = hosts
     # One model, trained in lockstep: the same losses and scores on both; only the timings differ.

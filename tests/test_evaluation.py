@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from conftest import params_with, synthetic_digits
 from cvae_pipeline.config import EvaluateParams, ModelParams
-from cvae_pipeline.evaluation import Evaluator, active_units, log_mean_exp
-from cvae_pipeline.model import build_cvae
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.evaluation.stage import Evaluator, active_units, log_mean_exp
+from cvae_pipeline.model.network import build_cvae
+from cvae_pipeline.training.loop import Trainer
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_digits
-from cvae_pipeline import figures
 from cvae_pipeline.config import ModelParams, VisualizeParams
-from cvae_pipeline.model import build_cvae
+from cvae_pipeline.evaluation import figures
+from cvae_pipeline.model.network import build_cvae
 
 CFG = VisualizeParams(examples=6, prior_grid=4, manifold_size=5, frame_milliseconds=100)
 

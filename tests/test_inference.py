@@ -8,8 +8,8 @@ from mlflow.exceptions import MlflowException
 
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.errors import UserInputError
-from cvae_pipeline.inference import BATCH, load_model_file, load_trained, reconstruct
-from cvae_pipeline.model import build_cvae
+from cvae_pipeline.model.loading import BATCH, load_model_file, load_trained, reconstruct
+from cvae_pipeline.model.network import build_cvae
 
 SMALL = ModelParams(2, (4, 8), (8, 4))
 

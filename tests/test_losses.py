@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.losses import analytic_kl, elbo_terms, kl_divergence, monte_carlo_kl, reconstruction_nll
-from cvae_pipeline.model import build_cvae
+from cvae_pipeline.model.losses import analytic_kl, elbo_terms, kl_divergence, monte_carlo_kl, reconstruction_nll
+from cvae_pipeline.model.network import build_cvae
 
 rng = np.random.default_rng(42)
 

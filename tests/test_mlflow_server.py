@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, free_port, make_repo_copy, predict_in_fresh_process, run, setup_copy, subprocess_env
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.inference import load_trained, reconstruct
+from cvae_pipeline.model.loading import load_trained, reconstruct
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from cvae_pipeline import mlflow_store
+from cvae_pipeline.tracking import store as mlflow_store
 
 
 def test_repository_root_of_a_dvc_experiment_copy_is_the_main_repository(tmp_path):

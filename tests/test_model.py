@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.model import CVAE, OneChannelConv2DTranspose, build_cvae
+from cvae_pipeline.model.network import CVAE, OneChannelConv2DTranspose, build_cvae
 
 
 @pytest.mark.parametrize(("latent_dim", "count"), [(50, 366_533), (2, 69_989)])
@@ -62,7 +62,7 @@ def test_mixed_precision_computes_in_bfloat16_but_hands_out_float32():
 @pytest.mark.reliability
 def test_a_model_file_with_code_in_it_is_refused_by_safe_mode(tmp_path):
     from cvae_pipeline.errors import UserInputError
-    from cvae_pipeline.inference import load_trained
+    from cvae_pipeline.model.loading import load_trained
 
     inputs = keras.Input((28, 28, 1))
     unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2, name="arbitrary_code")(inputs))

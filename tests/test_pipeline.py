@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import TINY, run, runs_in, setup_copy, stage_commands
-from cvae_pipeline import devices
+from cvae_pipeline.training import hardware
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,8 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     found = runs.iloc[0]
     assert found["metrics.eval_iwae"] == pytest.approx(metrics["iwae"])
-    machine = devices.detect()
-    assert found["tags.precision"] == devices.choose_precision("auto", machine).value
+    machine = hardware.detect()
+    assert found["tags.precision"] == hardware.choose_precision("auto", machine).value
     assert found["tags.precision_reason"].startswith("auto: ") and found["tags.device"] == machine.describe()
     assert found["tags.jit_compile"] == str(machine.on_gpu).lower()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(found["run_id"], "figures")}

@@ -180,9 +180,9 @@ class Killed(BaseException):
 def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_one_model(small_data, tmp_path,
                                                                                          monkeypatch):
     from conftest import params_with
-    from cvae_pipeline import tracking
-    from cvae_pipeline.checkpoints import Checkpoint
-    from cvae_pipeline.training import TrainOutputs, train_and_track
+    from cvae_pipeline.tracking import session as tracking
+    from cvae_pipeline.training.checkpoints import Checkpoint
+    from cvae_pipeline.training.stage import TrainOutputs, train_and_track
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = params_with(model={"latent_dim": 2}, train={**TINY["train"], "epochs": 3, "batch_size": 64})
@@ -224,8 +224,8 @@ if plan_file and sys.argv and sys.argv[0].endswith("stages/train.py"):
     if plan:
         point = plan[0]
         sys.path.insert(0, os.path.join(os.getcwd(), "src"))  # the copy's code, as the stage itself imports it
-        from cvae_pipeline import tracking
-        from cvae_pipeline.checkpoints import Checkpoint
+        from cvae_pipeline.tracking import session as tracking
+        from cvae_pipeline.training.checkpoints import Checkpoint
         owner = {"Session": tracking.Session, "Checkpoint": Checkpoint}[point["owner"]]
         original, matches = getattr(owner, point["name"]), eval(point["when"])
 

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import params_with
-from cvae_pipeline.losses import elbo_terms
-from cvae_pipeline.model import build_cvae
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.model.losses import elbo_terms
+from cvae_pipeline.model.network import build_cvae
+from cvae_pipeline.training.loop import Trainer
 
 BFLOAT16 = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "eval_limit": None,
             "precision": "mixed_bfloat16", "ema_momentum": 0}

@@ -33,7 +33,7 @@ from conftest import (
 )
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.inference import load_trained, reconstruct
+from cvae_pipeline.model.loading import load_trained, reconstruct
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow

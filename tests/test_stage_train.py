@@ -21,8 +21,8 @@ from conftest import (
     timeless,
 )
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.inference import load_trained, reconstruct
-from cvae_pipeline.model import CVAE
+from cvae_pipeline.model.loading import load_trained, reconstruct
+from cvae_pipeline.model.network import CVAE
 
 pytestmark = pytest.mark.slow
 

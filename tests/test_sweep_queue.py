@@ -3,7 +3,7 @@
 import sys
 import time
 
-from cvae_pipeline import sweep_queue
+from cvae_pipeline.commands import sweep as sweep_queue
 
 # Like `dvc exp run --run-all`: prints, leaves a daemon behind that holds the same output open and writes later, exits.
 LEAVES_A_DAEMON = """

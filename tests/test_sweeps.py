@@ -24,7 +24,7 @@ from conftest import (
     subprocess_env,
     write_fake_mnist,
 )
-from cvae_pipeline.comparison import write_comparison
+from cvae_pipeline.commands.compare import write_comparison
 from team_services import server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
@@ -72,7 +72,7 @@ def test_make_sweep_runs_a_sweep_of_data_params_on_one_worker_saying_why(swept, 
     made = subprocess.run(["make", "-n", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", "sweep",
                            f"S={swept}", "J=2"], cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    assert f"python -m cvae_pipeline.sweep_queue --jobs {jobs} " in made.stdout
+    assert f"python -m cvae_pipeline.commands.sweep --jobs {jobs} " in made.stdout
     assert ("running them on 1 worker instead of 2" in made.stdout) == (jobs == "1")
 
 

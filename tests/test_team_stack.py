@@ -23,7 +23,7 @@ from conftest import (
     write_fake_mnist,
 )
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.inference import load_trained, reconstruct
+from cvae_pipeline.model.loading import load_trained, reconstruct
 from team_services import connect, postgres_server, s3_server, tracking_server
 
 TINY_EVALUATION = {"iwae_k": 5, "samples": 1}

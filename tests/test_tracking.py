@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from conftest import REPO, params_with
-from cvae_pipeline import records, tracking
 from cvae_pipeline.config import TrackingParams
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.tracking import runs as records
+from cvae_pipeline.tracking import session as tracking
 
 CFG = TrackingParams(experiment="e", sweep=None, required=True)
 

@@ -10,10 +10,10 @@ import tensorflow as tf
 
 from conftest import params_with
 from cvae_pipeline.errors import TrainingError
-from cvae_pipeline.losses import elbo_terms
-from cvae_pipeline.model import build_cvae
-from cvae_pipeline.trainer import TIMING_COLUMNS, Trainer
-from cvae_pipeline.training import final_metrics
+from cvae_pipeline.model.losses import elbo_terms
+from cvae_pipeline.model.network import build_cvae
+from cvae_pipeline.training.loop import TIMING_COLUMNS, Trainer
+from cvae_pipeline.training.stage import final_metrics
 
 FAST = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "epochs": 2, "eval_limit": None}
 
@@ -244,7 +244,7 @@ def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad)
 # --- issue 16: the schedule, the background checkpoint ---------------------------------------------
 
 def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoch(small_data, tmp_path):
-    from cvae_pipeline.optimization import learning_rate
+    from cvae_pipeline.model.optimization import learning_rate
 
     cfg = small_params(schedule="cosine", epochs=4, warmup_epochs=1, learning_rate=2e-3,
                        final_learning_rate=1e-4).train
@@ -292,7 +292,7 @@ def test_a_run_resumed_mid_schedule_ends_where_an_uninterrupted_one_does(small_d
 
 
 def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path, monkeypatch):
-    from cvae_pipeline import checkpoints
+    from cvae_pipeline.training import checkpoints
 
     next_epoch_started = threading.Event()
     original_train_epoch, original_save = Trainer.train_epoch, checkpoints.save
@@ -319,7 +319,7 @@ def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path
 
 
 def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, monkeypatch):
-    from cvae_pipeline import checkpoints
+    from cvae_pipeline.training import checkpoints
 
     def save(path, key, state, variables):
         raise OSError(28, "No space left on device")
@@ -332,7 +332,7 @@ def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, mon
 # --- issue 16: the moving average of the weights -------------------------------------------------
 
 def test_the_average_of_the_weights_warms_up_its_momentum_then_keeps_ema_momentum():
-    from cvae_pipeline.optimization import make_optimizer
+    from cvae_pipeline.model.optimization import make_optimizer
 
     weight = keras.Variable(np.zeros(3, np.float32))
     optimizer = make_optimizer(small_params(ema_momentum=0.8, learning_rate=0.5).train, "float32", 10)
@@ -375,7 +375,7 @@ def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights
 
 @pytest.mark.parametrize("steps", [1, 5])
 def test_the_fused_adam_step_is_keras_adam(steps):
-    from cvae_pipeline.optimization import make_optimizer
+    from cvae_pipeline.model.optimization import make_optimizer
 
     rng = np.random.default_rng(0)
     start = rng.normal(0, 1, (4, 3)).astype(np.float32)

@@ -2,9 +2,9 @@
 
 MLflow's Keras flavor cannot bring the project's `CVAE` class along (it takes no `code_paths`), so a process that never
 imported `cvae_pipeline` (the scoring server, a notebook) could not load it. The model is logged as a pyfunc instead,
-from code (`pyfunc_model.py`, nothing pickled): its artifact is the trained `.keras` file, this package travels with
-it as code, and `predict` answers a batch of images (n, 28, 28, 1), pixel values in [0, 1] (binarized: 0 or 1), with
-their mean reconstructions as pixel probabilities of the same shape: the posterior mean decoded, then the sigmoid.
+from code (`logged_model_code.py`, nothing pickled): its artifact is the trained `.keras` file, this package travels
+with it as code, and `predict` answers a batch of images (n, 28, 28, 1), pixel values in [0, 1] (binarized: 0 or 1),
+with their mean reconstructions as pixel probabilities of the same shape: the posterior mean decoded, then the sigmoid.
 """
 
 from importlib.metadata import version
@@ -14,12 +14,12 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from cvae_pipeline.inference import load_model_file, reconstruct
+from cvae_pipeline.model.loading import load_model_file, reconstruct
 
 ARTIFACT = "keras_model"
 FORMAT = 1  # what `predict` takes and returns; a model of another format is refused by name, not misread
 FORMAT_KEY = "cvae_pipeline_format"
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # cvae_pipeline/, which travels with the model
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pyyaml", "mlflow")
 
 
@@ -49,13 +49,15 @@ def log_model(model_file: Path, example: np.ndarray) -> None:
     signature, an input example and pinned requirements."""
     from mlflow.models import infer_signature
 
-    from cvae_pipeline import pyfunc_model  # the file MLflow runs to rebuild the model: logged by path, not pickled
+    from cvae_pipeline.tracking import (
+        logged_model_code,  # the file MLflow runs to rebuild the model: logged by path, not pickled
+    )
 
     with_model = ReconstructionModel()
     with_model.model = load_model_file(model_file)
     signature = infer_signature(example, with_model.predict(None, example))
     mlflow.pyfunc.log_model(
-        name="model", python_model=pyfunc_model.__file__, artifacts={ARTIFACT: str(model_file)},
+        name="model", python_model=logged_model_code.__file__, artifacts={ARTIFACT: str(model_file)},
         code_paths=[str(PACKAGE)], signature=signature, input_example=example,
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
         model_config={FORMAT_KEY: FORMAT})

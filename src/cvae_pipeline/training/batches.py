@@ -10,25 +10,25 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import devices
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.training import hardware
 
 log = logging.getLogger(__name__)
 
 
 class TrainingSet:
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, strategy: tf.distribute.Strategy,
-                 machine: devices.Machine):
+                 machine: hardware.Machine):
         """`images`: (n, 28, 28, 1) binarized; `batch_size`: `train.batch_size`, the global batch asked for."""
         self.images = images
         self.seed = seed
         self.strategy = strategy
-        stored = images.astype(devices.image_dtype(machine).as_numpy_dtype)
+        stored = images.astype(hardware.image_dtype(machine).as_numpy_dtype)
         self.replica_images = strategy.experimental_distribute_values_from_function(
             lambda context: tf.identity(tf.constant(stored)))
         replicas = strategy.num_replicas_in_sync
         # tf.distribute would hand some replicas fewer images, or none: each gets the same whole number.
-        self.batch_size = devices.replica_batch(batch_size, replicas)
+        self.batch_size = hardware.replica_batch(batch_size, replicas)
         if self.batch_size != batch_size:
             log.warning("train.batch_size %d does not split evenly over %d replicas: training with %d (%d each)",
                         batch_size, replicas, self.batch_size, self.batch_size // replicas)

@@ -12,14 +12,15 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
 from PIL import Image, ImageDraw
 
-from cvae_pipeline import records, tracking
 from cvae_pipeline.config import TUTORIAL_ELBO, Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.evaluation.train_outputs import Upstream
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
-from cvae_pipeline.inference import decode_probabilities, load_trained, posterior
-from cvae_pipeline.model import CVAE
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.model.loading import decode_probabilities, load_trained, posterior
+from cvae_pipeline.model.network import CVAE
+from cvae_pipeline.tracking import runs
+from cvae_pipeline.tracking.session import Session
 
 DPI = 100
 PNG_METADATA = {"Software": None}  # no version string: identical inputs give identical bytes
@@ -189,8 +190,8 @@ def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path
     grids, epochs = load_progress(progress_path)
     history, _, _ = upstream.read()
     cfg, test = params.visualize, data.test
-    session = tracking.Session(params.tracking)
-    with records.stage_run(session, params, "visualize", upstream):
+    session = Session(params.tracking)
+    with runs.stage_run(session, params, "visualize", upstream):
         folder.mkdir(parents=True, exist_ok=True)
         reconstructions(model, test.images, cfg, folder / "reconstructions.png")
         prior_samples(model, cfg, params.model.latent_dim, params.seed, folder / "prior_samples.png")

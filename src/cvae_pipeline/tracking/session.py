@@ -1,7 +1,7 @@
 """MLflow: a stage's session with the store (`Session`), opening and ending its run, and what is logged to it.
 
-Which run a stage logs into, and what a run is named and tagged, is `records`' decision; where the store is and
-whether it answers, `mlflow_store`'s.
+Which run a stage logs into, and what a run is named and tagged, is `runs`' decision; where the store is and
+whether it answers, `store`'s.
 
 Faults: a store that does not answer stops a stage within seconds, before any work (`tracking.required: true`), or
 lets it go on without MLflow (`false`; the DVC files keep every metric). A run whose process died (kill -9, power
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError, UserInputError
-from cvae_pipeline.mlflow_store import (
+from cvae_pipeline.tracking.store import (
     URI_ENV,
     artifact_location,
     store_errors,

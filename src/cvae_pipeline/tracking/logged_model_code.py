@@ -1,12 +1,12 @@
 """The logged model's own code (MLflow's "models from code"): MLflow runs this file to build the model it loads.
 
-Nothing is pickled: the model is `serving.ReconstructionModel`, rebuilt from the package copy that travels with it,
+Nothing is pickled: the model is `logged_model.ReconstructionModel`, rebuilt from the package copy that travels with it,
 so it loads where pickled models are refused (`MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`) and across cloudpickle
-versions. `serving.log_model` names this file; importing it only tells MLflow which model the file defines.
+versions. `logged_model.log_model` names this file; importing it only tells MLflow which model the file defines.
 """
 
 from mlflow.models import set_model
 
-from cvae_pipeline.serving import ReconstructionModel
+from cvae_pipeline.tracking.logged_model import ReconstructionModel
 
 set_model(ReconstructionModel())

@@ -10,20 +10,22 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cvae_pipeline import devices, lineage, records, tracking
-from cvae_pipeline.checkpoints import TrainingState
 from cvae_pipeline.config import TUTORIAL_ELBO, Params
 from cvae_pipeline.data import PreparedData
-from cvae_pipeline.distribution import require_same_on_every_worker
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
-from cvae_pipeline.trainer import Trainer
+from cvae_pipeline.tracking import lineage, runs
+from cvae_pipeline.tracking.session import Session
+from cvae_pipeline.training import hardware
+from cvae_pipeline.training.checkpoints import TrainingState
+from cvae_pipeline.training.distribution import require_same_on_every_worker
+from cvae_pipeline.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 
 def log_model(model_file: Path, example: np.ndarray) -> None:
-    from cvae_pipeline import serving  # MLflow's pyfunc: imported only when a model is logged (seconds)
+    from cvae_pipeline.tracking import logged_model  # MLflow's pyfunc: imported only when a model is logged (seconds)
 
-    serving.log_model(model_file, example)
+    logged_model.log_model(model_file, example)
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,11 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     """The train stage: resume an interrupted training or start afresh, one MLflow run per training, then the
     declared outputs, and the checkpoint marked finished. `script`: the stage's entry point (its code is in the
     checkpoint's fingerprint); `started`: its `time.perf_counter()` at start. Returns the final metrics."""
-    session = tracking.Session(params.tracking)
+    session = Session(params.tracking)
     session.connect()  # a tracking server that does not answer stops the stage before any work
     for path in dataclasses.astuple(outputs):
         remove_leftover_temporaries(path)  # of a run that was killed while writing
-    machine = devices.detect()  # before any tensor exists: GPU memory growth can only be set then
+    machine = hardware.detect()  # before any tensor exists: GPU memory growth can only be set then
     trainer = Trainer(params, data, script, machine, started)
     checkpoint = trainer.checkpoint(outputs.checkpoint)
     state = trainer.start(checkpoint)
@@ -86,8 +88,8 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s", machine.describe(),
              trainer.precision.value, trainer.precision.reason, "on" if trainer.jit_compile.value else "off",
              trainer.strategy.num_replicas_in_sync, session.uri)
-    tags = {**records.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
-    with records.training_run(session, params, state.run_id, tags) as run:
+    tags = {**runs.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
+    with runs.training_run(session, params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
@@ -97,7 +99,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         state = trainer.fit(state, checkpoint, on_epoch=lambda epoch, metrics: session.log_metrics(metrics, epoch))
         final = final_metrics(state.history)
         write_outputs(trainer, state, final, outputs)
-        records.write_run_reference(outputs.run, run)
+        runs.write_run_reference(outputs.run, run)
         session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
         session.log_model_once(lambda: log_model(outputs.model, trainer.scorer.images[:2].astype(np.float32)))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.

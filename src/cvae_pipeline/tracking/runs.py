@@ -25,23 +25,31 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
-from cvae_pipeline import tracking
 from cvae_pipeline.config import Params
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_json_atomic
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.tracking.session import HOST, Session, flatten
 
 log = logging.getLogger(__name__)
 
-HOST = tracking.HOST
 EXPERIMENT_NAME_ENV = "DVC_EXP_NAME"
 BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 PARAMS_DIGEST_TAG = "params_digest"
 TRAINING_RUN_TAG = "training_run_id"
 EXECUTION_TAG = "execution"
+
+
+class Upstream(Protocol):
+    """What evaluate and visualize build on (`evaluation.train_outputs.Upstream`): train's run reference, and its
+    history, final metrics and evaluate's metrics, read and checked."""
+
+    run_reference: Path
+
+    def read(self) -> tuple[pd.DataFrame, dict, dict | None]: ...
 
 
 def _git(*args: str) -> str:
@@ -110,12 +118,12 @@ def read_run_id(path: str | Path) -> str | None:
 
 def params_digest(params: Params) -> str:
     """A short digest of every param as flattened for MLflow."""
-    return hashlib.sha256(json.dumps(tracking.flatten(params), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def changed_params(logged: dict[str, str], params: Params, shown: int = 5) -> str:
     """What differs between a run's logged params and `params`: "evaluate.iwae_k: 5 -> 7", the first few."""
-    now = tracking.flatten(params)
+    now = flatten(params)
     changed = sorted(key for key in logged.keys() | now.keys() if logged.get(key) != now.get(key))
     described = [f"{key}: {logged.get(key, 'unset')} -> {now.get(key, 'unset')}" for key in changed[:shown]]
     if len(changed) > shown:
@@ -141,7 +149,7 @@ def execution() -> str:
 
 
 @contextlib.contextmanager
-def training_run(session: tracking.Session, params: Params, resumed_run_id: str | None,
+def training_run(session: Session, params: Params, resumed_run_id: str | None,
                  tags: dict[str, str]) -> Iterator:
     """The run of this training: a new one, or the run of the interrupted training it resumes."""
     run_id, digest = resumed_run_id, params_digest(params)
@@ -165,7 +173,7 @@ def training_run(session: tracking.Session, params: Params, resumed_run_id: str 
         yield run
 
 
-def trained_model(session: tracking.Session, run_reference: Path):
+def trained_model(session: Session, run_reference: Path):
     """The model logged by the training that `run_reference` names (`.model_id`, `.model_uri`), or None: trained
     without MLflow, or the store does not know the run."""
     run_id = read_run_id(run_reference)
@@ -177,7 +185,7 @@ def trained_model(session: tracking.Session, run_reference: Path):
 
 
 @contextlib.contextmanager
-def stage_run(session: tracking.Session, params: Params, stage: str, upstream: Upstream) -> Iterator:
+def stage_run(session: Session, params: Params, stage: str, upstream: Upstream) -> Iterator:
     """The run that records `stage` of this execution: the training's run, or a follow-up run (module docstring).
     Yields None, logging nothing, when training ran without MLflow or the store is offline."""
     run_id = read_run_id(upstream.run_reference)
@@ -201,7 +209,7 @@ def stage_run(session: tracking.Session, params: Params, stage: str, upstream: U
         yield run
 
 
-def _plan(session: tracking.Session, params: Params, stage: str, run_id: str,
+def _plan(session: Session, params: Params, stage: str, run_id: str,
           reference: Path) -> tuple[str | None, object] | None:
     """(the run to reopen: the training's `run_id`, this execution's follow-up, or None for a new follow-up; the
     training run, if the store knows it). None when the store is offline."""
@@ -223,7 +231,7 @@ def _plan(session: tracking.Session, params: Params, stage: str, run_id: str,
         return None
 
 
-def _record_upstream(session: tracking.Session, params: Params, training, history: pd.DataFrame, final: dict,
+def _record_upstream(session: Session, params: Params, training, history: pd.DataFrame, final: dict,
                      metrics: dict | None) -> None:
     """A follow-up run starts as the whole record of what it builds on: params, the training's curves and final
     metrics, evaluate's metrics (when it ran in an earlier execution), and a link to the training's logged model."""

@@ -8,7 +8,7 @@ import numpy as np
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS
-from cvae_pipeline.model import CVAE, build_cvae
+from cvae_pipeline.model.network import CVAE, build_cvae
 
 BATCH = 1000
 

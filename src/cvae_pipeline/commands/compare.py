@@ -1,6 +1,6 @@
 """Compare DVC experiments: one table of every experiment's params and metrics, and a plot against what varied.
 
-`python -m cvae_pipeline.comparison --out reports/compare` (or `make compare`) reads the experiments of the current
+`make compare` (`python -m cvae_pipeline.commands.compare --out reports/compare`) reads the experiments of the current
 commit with `dvc.api.exp_show` and writes `<out>.csv` (every param and metric), `<out>.md` (the params that vary and
 the headline metrics, sorted by test ELBO, best first) and `<out>.png` (test ELBO, IWAE and KL against the first
 param that varies, one line per value of the second if there is one).

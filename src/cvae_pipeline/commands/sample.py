@@ -1,4 +1,4 @@
-"""Draw digits from a trained model: `python -m cvae_pipeline.sampling MODEL` (`make sample MODEL=...`).
+"""Draw digits from a trained model: `python -m cvae_pipeline.commands.sample MODEL` (`make sample MODEL=...`).
 
 MODEL is a model URI that MLflow resolves (`models:/cvae-mnist@champion`, `models:/m-...`, `runs:/<run id>/model`)
 or the path of a `.keras` file that the train stage wrote (`models/cvae.keras`). It writes `--count` samples from the
@@ -18,22 +18,22 @@ from cvae_pipeline.cli import run_stage
 from cvae_pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import atomic_path
-from cvae_pipeline.registry import ALIAS
+from cvae_pipeline.tracking.registry import ALIAS
 
 SCALE = 2  # screen pixels per image pixel
 
 
 def load_cvae(model: str):
     """The float32 CVAE behind a model URI or a `.keras` path."""
-    from cvae_pipeline.inference import load_model_file  # TensorFlow: after the arguments are checked
+    from cvae_pipeline.model.loading import load_model_file  # TensorFlow: after the arguments are checked
 
     if Path(model).is_file() or model.endswith(".keras"):
         return load_model_file(model)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cvae_pipeline.mlflow_store import tracking_uri
-    from cvae_pipeline.serving import ReconstructionModel
+    from cvae_pipeline.tracking.logged_model import ReconstructionModel
+    from cvae_pipeline.tracking.store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
@@ -48,7 +48,7 @@ def load_cvae(model: str):
 
 def prior_samples(model, count: int, seed: int) -> np.ndarray:
     """`count` images (count, 28, 28) of pixel probabilities, decoded from z ~ N(0, I)."""
-    from cvae_pipeline.inference import decode_probabilities
+    from cvae_pipeline.model.loading import decode_probabilities
 
     latent = np.random.default_rng(seed).standard_normal((count, model.latent_dim))
     return decode_probabilities(model, latent)
@@ -56,7 +56,7 @@ def prior_samples(model, count: int, seed: int) -> np.ndarray:
 
 def write_grid(images: np.ndarray, path: Path) -> None:
     """Images side by side, as square a grid as their number allows, white background, black ink."""
-    from cvae_pipeline.figures import tile
+    from cvae_pipeline.evaluation.figures import tile
 
     mosaic = tile(images, math.ceil(math.sqrt(len(images))))
     pixels = np.round((1.0 - mosaic) * 255).astype(np.uint8)
@@ -89,7 +89,7 @@ def main() -> None:
         if model.latent_dim != 2:
             raise UserInputError(f"--manifold: the latent space of {args.model} has {model.latent_dim} dimensions, "
                                  "not 2")
-        from cvae_pipeline.figures import latent_manifold
+        from cvae_pipeline.evaluation.figures import latent_manifold
 
         out = args.out.with_name(f"{args.out.stem}_manifold.png")
         latent_manifold(model, args.manifold, out)

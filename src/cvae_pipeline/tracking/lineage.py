@@ -6,9 +6,10 @@ import json
 import warnings
 from pathlib import Path
 
-from cvae_pipeline import records, tracking
 from cvae_pipeline.config import DataParams
-from cvae_pipeline.mlflow_store import store_lock
+from cvae_pipeline.tracking import runs
+from cvae_pipeline.tracking.session import Session
+from cvae_pipeline.tracking.store import store_lock
 
 DATASET_NAME = "mnist_binarized"
 CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
@@ -40,11 +41,11 @@ def dataset_key(path: Path, split: str) -> tuple[str, str]:
     return f"{DATASET_NAME}/{split}", file_md5(path)
 
 
-def log_dataset(session: tracking.Session, path: Path, cfg: DataParams, split: str,
+def log_dataset(session: Session, path: Path, cfg: DataParams, split: str,
                 model_id: str | None = None) -> None:
     """Record a split (train, test) of the prepared data at `path` as an input of the session's run (with the
     logged model `model_id` that it was used on)."""
-    commit = records.git_commit()
+    commit = runs.git_commit()
     tags = {"dvc_path": path.as_posix(), "dvc_md5": file_md5(path), "data.threshold": json.dumps(cfg.threshold),
             "data.train_limit": json.dumps(cfg.train_limit), "data.test_limit": json.dumps(cfg.test_limit),
             **({"git_commit": commit} if commit else {})}

@@ -1,7 +1,7 @@
 """Training the CVAE: compiled optimizer steps over seeded batches, epoch by epoch, with a resumable checkpoint.
 
 `Trainer` owns the model, the optimizer and the noise generator, and trains epoch by epoch: the training set and the
-order of its batches are `batching`'s, the per-epoch test ELBO (in float32) and progress grid `scoring`'s, the file
+order of its batches are `batches`', the per-epoch test ELBO (in float32) and progress grid `scoring`'s, the file
 `checkpoints`'. An epoch's checkpoint and logging run in the background while the next one trains.
 """
 
@@ -18,16 +18,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import checkpoints, devices, optimization, sources
-from cvae_pipeline.batching import TrainingSet
-from cvae_pipeline.checkpoints import Checkpoint, TrainingState, Variables
+from cvae_pipeline import code_dependencies
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
-from cvae_pipeline.distribution import is_chief, lost_worker, make_strategy
 from cvae_pipeline.errors import TrainingError
-from cvae_pipeline.losses import elbo_terms
-from cvae_pipeline.model import build_cvae
-from cvae_pipeline.scoring import TestScorer
+from cvae_pipeline.model import optimization
+from cvae_pipeline.model.losses import elbo_terms
+from cvae_pipeline.model.network import build_cvae
+from cvae_pipeline.training import checkpoints, hardware
+from cvae_pipeline.training.batches import TrainingSet
+from cvae_pipeline.training.checkpoints import Checkpoint, TrainingState, Variables
+from cvae_pipeline.training.distribution import is_chief, lost_worker, make_strategy
+from cvae_pipeline.training.scoring import TestScorer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class Trainer:
     """The model, its optimizer and its noise generator, placed by the strategy, and the loop that trains them."""
 
     def __init__(self, params: Params, data: PreparedData, script: Path | None = None,
-                 machine: devices.Machine | None = None, started: float | None = None):
+                 machine: hardware.Machine | None = None, started: float | None = None):
         """`script`: the entry point whose code (and the modules it imports) trains; `started`: its
         `time.perf_counter()` at start, from which each epoch's `elapsed_seconds` counts (default: now)."""
         self.params = params
@@ -48,9 +50,9 @@ class Trainer:
         cfg = params.train
         self.strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede other TF work
         self.is_chief = is_chief(self.strategy)
-        self.machine = machine or devices.detect()
-        self.precision = devices.choose_precision(cfg.precision, self.machine)
-        self.jit_compile = devices.choose_jit(cfg.jit_compile, self.machine)
+        self.machine = machine or hardware.detect()
+        self.precision = hardware.choose_precision(cfg.precision, self.machine)
+        self.jit_compile = hardware.choose_jit(cfg.jit_compile, self.machine)
         keras.utils.set_random_seed(params.seed)
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -90,7 +92,7 @@ class Trainer:
         settings["train"].update(precision=self.precision.value, jit_compile=self.jit_compile.value,
                                  batch_size=self.training_set.batch_size,
                                  whole_batches_only=self.training_set.whole_batches_only)
-        return checkpoints.fingerprint(settings, sources.code_digest(self.script), self.training_set.images,
+        return checkpoints.fingerprint(settings, code_dependencies.code_digest(self.script), self.training_set.images,
                                        self.scorer.images)
 
     def checkpoint(self, path: Path) -> Checkpoint:

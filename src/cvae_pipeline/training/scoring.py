@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from cvae_pipeline.config import ModelParams
-from cvae_pipeline.losses import elbo_terms
-from cvae_pipeline.model import CVAE, build_cvae
+from cvae_pipeline.model.losses import elbo_terms
+from cvae_pipeline.model.network import CVAE, build_cvae
 
 PROGRESS_IMAGES = 16  # the tutorial's 4x4 grid of images decoded from fixed latent vectors
 EVAL_BATCH = 1000

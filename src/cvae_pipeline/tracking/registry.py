@@ -1,19 +1,16 @@
 """Promote the best trained model: a new version of a registered model, with the alias `champion` pointing at it.
 
-`python -m cvae_pipeline.registry [--sweep NAME]` (`make promote`, `make promote SWEEP=latent`) looks at the finished
-runs of `tracking.experiment` (of one sweep: runs tagged `sweep=NAME`) that hold evaluate's test ELBO (`eval_elbo`)
-and a logged model (their own, or, for a follow-up run, its training's: tag `training_model_uri`). The best by test
-ELBO becomes a new version of `registry.model_name` (MLflow 3 aliases, not the deprecated stages), unless `champion`
-already points at its model. `models:/<name>@champion` then loads and serves it.
+`make promote` (`commands.promote`) looks at the finished runs of `tracking.experiment` (of one sweep: runs tagged
+`sweep=NAME`) that hold evaluate's test ELBO (`eval_elbo`) and a logged model (their own, or, for a follow-up run, its
+training's: tag `training_model_uri`). The best by test ELBO becomes a new version of `registry.model_name` (MLflow 3
+aliases, not the deprecated stages), unless `champion` already points at its model. `models:/<name>@champion` then loads
+and serves it.
 """
 
-import argparse
 from dataclasses import dataclass
 
-from cvae_pipeline import tracking
-from cvae_pipeline.cli import run_stage
-from cvae_pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.tracking.session import Session
 
 ALIAS = "champion"
 SCORE = "eval_elbo"
@@ -28,7 +25,7 @@ class Candidate:
     model_id: str  # the logged model's id: its URI is models:/<model_id>
 
 
-def candidates(session: tracking.Session, sweep: str | None) -> list[Candidate]:
+def candidates(session: Session, sweep: str | None) -> list[Candidate]:
     """The finished runs of the session's experiment with a test ELBO and a model, best first."""
     query = f"attributes.status = 'FINISHED' and metrics.{SCORE} > -1e300"
     if sweep:
@@ -42,7 +39,7 @@ def candidates(session: tracking.Session, sweep: str | None) -> list[Candidate]:
     return sorted(found, key=lambda candidate: candidate.score, reverse=True)
 
 
-def promote(session: tracking.Session, model_name: str, sweep: str | None = None) -> str:
+def promote(session: Session, model_name: str, sweep: str | None = None) -> str:
     """Register the best candidate's model as `model_name`@champion; returns what was done, in one line."""
     import mlflow
 
@@ -69,16 +66,3 @@ def promote(session: tracking.Session, model_name: str, sweep: str | None = None
     client.set_registered_model_alias(model_name, ALIAS, version.version)
     return (f"registered {model_name} version {version.version} from run {best.run_name} ({best.run_id}): {why}; "
             f"{model_name}@{ALIAS} -> version {version.version}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: %(default)s)")
-    parser.add_argument("--sweep", help="only the runs of this sweep (tag sweep), e.g. the S of a make sweep")
-    args = parser.parse_args()
-    params = load_params(args.params)
-    print(promote(tracking.Session(params.tracking), params.registry.model_name, args.sweep))
-
-
-if __name__ == "__main__":
-    run_stage("promote", main)

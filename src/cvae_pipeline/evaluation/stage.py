@@ -21,14 +21,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import lineage, records, tracking
 from cvae_pipeline.config import EvaluateParams, Params
 from cvae_pipeline.data import PreparedData
+from cvae_pipeline.evaluation.train_outputs import Upstream
 from cvae_pipeline.fileio import write_json_atomic
-from cvae_pipeline.inference import BATCH, as_inputs, load_trained
-from cvae_pipeline.losses import analytic_kl, log_normal_pdf, reconstruction_nll
-from cvae_pipeline.model import CVAE
-from cvae_pipeline.upstream import Upstream
+from cvae_pipeline.model.loading import BATCH, as_inputs, load_trained
+from cvae_pipeline.model.losses import analytic_kl, log_normal_pdf, reconstruction_nll
+from cvae_pipeline.model.network import CVAE
+from cvae_pipeline.tracking import lineage, runs
+from cvae_pipeline.tracking.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,16 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
 def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, upstream: Upstream,
                        metrics_path: Path) -> dict[str, float]:
     """The evaluate stage: score the trained model on the test set, write the metrics file, log them to this
-    execution's MLflow run (`records.stage_run`: the training's run, or a follow-up run of its own) and to the
+    execution's MLflow run (`runs.stage_run`: the training's run, or a follow-up run of its own) and to the
     training's logged model, with the data they were computed on."""
     model = load_trained(model_path, params.model)
-    session = tracking.Session(params.tracking)
-    with records.stage_run(session, params, "evaluate", upstream) as run:
+    session = Session(params.tracking)
+    with runs.stage_run(session, params, "evaluate", upstream) as run:
         metrics = Evaluator(model, params.evaluate, params.seed).evaluate(data.test.images)
         log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
                  metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
         write_json_atomic(metrics_path, metrics)
-        logged = run and records.trained_model(session, upstream.run_reference)
+        logged = run and runs.trained_model(session, upstream.run_reference)
         model_id = logged.model_id if logged else None
         if data.source is not None:
             lineage.log_dataset(session, data.source, params.data, "test", model_id)

@@ -25,7 +25,7 @@ class OneChannelConv2DTranspose(layers.Conv2DTranspose):
     def call(self, inputs):
         if keras.backend.backend() != "tensorflow":
             return super().call(inputs)
-        from cvae_pipeline.convolution import one_channel_conv_transpose  # TensorFlow: absent beside JAX
+        from cvae_pipeline.model.convolution import one_channel_conv_transpose  # TensorFlow: absent beside JAX
 
         outputs = one_channel_conv_transpose(inputs, keras.ops.cast(self.kernel, inputs.dtype))
         if self.use_bias:

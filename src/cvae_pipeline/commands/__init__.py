@@ -1,0 +1,1 @@
+"""The Makefile's commands beyond the pipeline: make sample, make compare, make sweep and make promote."""
