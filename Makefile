@@ -27,7 +27,7 @@ UI_PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
 # A team's tracking server: a SQL backend store and artifacts served by the server itself (clients need no access to
 # the artifact storage). Point SERVER_STORE at PostgreSQL and SERVER_ARTIFACTS at object storage in production
-# (README, Team setup). Secrets stay in the environment, never in these variables: the database password in
+# (docs/team.md). Secrets stay in the environment, never in these variables: the database password in
 # PGPASSWORD (or ~/.pgpass), the S3 keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials).
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5001
@@ -51,7 +51,7 @@ SEED ?= 0
 OUT ?= reports/samples.png
 MANIFOLD ?= 0
 
-.PHONY: repro test smoke lint venv lock clean-venv ui mlflow-server compare sweep promote sample bench
+.PHONY: repro test unit smoke lint venv lock clean-venv ui mlflow-server compare sweep promote sample bench
 
 venv: $(STAMP)
 
@@ -80,13 +80,19 @@ repro: $(STAMP)
 lint: $(STAMP)
 	ruff check .
 
+# Everything CI runs: lint, then every test, one pytest-xdist worker per core. A file's tests stay on one worker,
+# which builds the fixtures they share (a trained copy of the pipeline, a sweep) once.
 test: lint
-	pytest
+	pytest -n auto --dist loadfile
+
+# The unit tests alone (tests/unit/, not the slow ones), in parallel: the quick loop while changing the code.
+unit: $(STAMP)
+	pytest tests/unit -n auto -m "not slow"
 
 # What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
 # small `dvc repro` end to end, in a few minutes.
 smoke: $(STAMP)
-	pytest -m "smoke or not (slow or reliability)"
+	pytest -n auto --dist loadfile -m "smoke or not (slow or reliability)"
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)

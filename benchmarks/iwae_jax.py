@@ -5,7 +5,7 @@ can still score the model file it wrote: Keras 3 loads `models/cvae.keras` on it
 computes the same estimator as `cvae_pipeline.evaluation.stage` (one set of K draws z ~ q(z|x) per test image;
 log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x) over the first k draws for each k asked for), in float32 with
 full-precision matrix products (no TF32). Its draws are JAX's, so its bounds differ from evaluate's by Monte Carlo
-noise only: the README's k=5000 figure came from here, with k=1000 and k=2500 matching evaluate's to 0.02 nats.
+noise only: the k=5000 figure in docs/recipe.md came from here, with k=1000 and k=2500 matching evaluate's to 0.02 nats.
 
     KERAS_BACKEND=jax PYTHONPATH=src python benchmarks/iwae_jax.py models/cvae.keras data/prepared/mnist.npz 5000 1000
 

@@ -36,7 +36,7 @@ def header(results: dict, summary: dict) -> list[str]:
         *([] if m["gpus"] else [
             "No GPU here, so none of these numbers is a GPU's. What is known about GPUs, and the one measurement made "
             "on one (the IWAE pass through Keras on JAX, `benchmarks/iwae_jax.py`, on an H100 where TensorFlow could "
-            "not be installed), is in the README's *On a GPU*.", ""]),
+            "not be installed), is in docs/performance.md, *On a GPU*.", ""]),
     ]
 
 

@@ -1,76 +1,18 @@
-"""Shared fixtures: small IDX datasets written by the tests, and temporary copies of the repository."""
+"""The fixtures every test folder shares; the helpers they are built from are in helpers.py."""
 
-import gzip
-import hashlib
-import json
 import os
-import re
-import shlex
-import shutil
-import signal
-import socket
-import struct
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import mlflow
-import numpy as np
 import pytest
-import yaml
+
+from helpers import make_repo_copy, synthetic_digits, write_fake_mnist
 
 # With CVAE_TESTS_NO_SKIPS set (as CI sets it), a test that skips itself fails.
 pytest_plugins = ["no_skips"]
 
-REPO = Path(__file__).resolve().parents[1]
-FAKE_COUNTS = {"train": 300, "test": 100}
-IDX_NAMES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array (magic 0x801 for 1-D labels, 0x803 for 3-D images)."""
-    magic = 0x800 + array.ndim
-    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
-
-
-def fake_arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in FAKE_COUNTS.items():
-        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = rng.integers(0, 10, size=count, dtype=np.uint8)
-    return arrays
-
-
-def write_manifest(path: Path, arrays: dict[str, np.ndarray], mirrors: list[str] | None = None) -> Path:
-    files = {
-        key: {"name": IDX_NAMES[key], "md5": hashlib.md5(idx_bytes(array)).hexdigest(), "count": len(array)}
-        for key, array in arrays.items()
-    }
-    path.write_text(json.dumps({"mirrors": mirrors or ["https://127.0.0.1:9/"], "files": files}))
-    return path
-
-
-def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    """A mirror folder of small gzipped IDX files, and a manifest with their MD5 sums."""
-    arrays = fake_arrays()
-    mirror = folder / "mirror"
-    mirror.mkdir()
-    for key, array in arrays.items():
-        (mirror / f"{IDX_NAMES[key]}.gz").write_bytes(gzip.compress(idx_bytes(array), mtime=0))
-    manifest = write_manifest(folder / "manifest.json", arrays)
-    return mirror, manifest, arrays
-
 
 @pytest.fixture(scope="session", autouse=True)
 def machine_cache(tmp_path_factory):
-    """Where `train.precision: auto` keeps what it measured (devices.CACHE_ENV): one folder per test session, for the
+    """Where `train.precision: auto` keeps what it measured (hardware.CACHE_ENV): one folder per test session, for the
     stages the tests run in other processes too; never the user's own cache."""
     os.environ["CVAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("machine-cache"))
 
@@ -80,59 +22,9 @@ def fake_mnist(tmp_path):
     return write_fake_mnist(tmp_path)
 
 
-def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror or MLflow
-    store (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME",
-                        "DVC_EXP_BASELINE_REV")}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.update(overrides)
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
-
-
-def _project_files() -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout
-    return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
-
-
-def make_repo_copy(copy: Path) -> Path:
-    """A fresh git + DVC repository holding the project's files as a clone would: no outputs, no cache."""
-    for name in _project_files():
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, copy / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=copy, check=True, capture_output=True)
-    return copy
-
-
 @pytest.fixture
 def repo_copy(tmp_path):
     return make_repo_copy(tmp_path / "repo")
-
-
-def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Binary 28x28 images with structure a VAE can learn: one of ten fixed templates, with 2% of pixels flipped."""
-    rng = np.random.default_rng(seed)
-    templates = rng.random((10, 28, 28)) < 0.15
-    labels = rng.integers(0, 10, count).astype(np.uint8)
-    flips = rng.random((count, 28, 28)) < 0.02
-    return (templates[labels] ^ flips).astype(np.uint8), labels
 
 
 @pytest.fixture
@@ -142,160 +34,3 @@ def small_data():
     train, test = synthetic_digits(512, seed=1), synthetic_digits(128, seed=2)
     return PreparedData(Split(*train), Split(*test))
 
-
-def params_with(**sections):
-    """The shipped params.yaml with some keys replaced, e.g. params_with(train={"epochs": 2})."""
-    from cvae_pipeline.config import parse_params
-
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            raw[section].update(values)
-        else:
-            raw[section] = values
-    return parse_params(yaml.safe_dump(raw))
-
-
-# --- end-to-end runs in a repository copy ------------------------------------------------------------------------
-
-# float32: emulated bfloat16 trains several times slower on CPUs without AVX512-BF16 or AMX (see README, Performance).
-TINY = {"model": {"latent_dim": 2},
-        "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3, "precision": "float32"}}
-
-
-def setup_copy(repo, fake_mnist, **sections):
-    """Point the copy at the fake mirror and make its params tiny; returns the environment for its stages."""
-    mirror, manifest, _ = fake_mnist
-    shutil.copy(manifest, repo / "data/mnist.json")
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in {**TINY, **sections}.items():
-        raw[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
-    return {"MNIST_MIRROR": str(mirror)}
-
-
-def runs_in(repo):
-    """The runs of the default experiment in the copy's own store (`mlflow.search_runs`, as a user would)."""
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["cvae-mnist"])
-
-
-def kill_training_once_checkpointed(repo: Path, **env: str) -> None:
-    """`dvc repro train` in `repo`, its whole process group killed with SIGKILL once an epoch is checkpointed."""
-    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=subprocess_env(**env),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = repo / "models/checkpoint.npz"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert process.poll() is None, "training ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def stage_commands(repo: Path) -> dict[str, list[str]]:
-    """Each stage's command exactly as dvc.yaml declares it, its paths filled in."""
-    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
-    paths = pipeline["vars"][0]["paths"]
-    return {name: shlex.split(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], stage["cmd"]))
-            for name, stage in pipeline["stages"].items()}
-
-
-def snapshot(repo: Path) -> dict[str, str]:
-    """Every file of the copy (but .git and params.yaml) with the MD5 of its bytes."""
-    return {str(path.relative_to(repo)): hashlib.md5(path.read_bytes()).hexdigest()
-            for path in sorted(repo.rglob("*"))
-            if path.is_file() and ".git" not in path.parts and path.name != "params.yaml"}
-
-
-def queue_states(repo: Path) -> list[str]:
-    """The Status column of `dvc queue status`, one entry per task."""
-    lines = run(["dvc", "queue", "status"], repo).stdout.splitlines()
-    return [line.split()[-1] for line in lines
-            if line.split() and line.split()[-1] in ("Queued", "Running", "Success", "Failed", "Killed")]
-
-
-def run_queue(repo: Path, tasks: int, jobs: int = 2, timeout: float = 900, **env: str) -> list[str]:
-    """`dvc queue start -j jobs`, then wait until `tasks` tasks have ended; their states."""
-    # Not captured: the workers it starts inherit its output, and a worker that lingers would keep a pipe open.
-    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=subprocess_env(**env),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    assert started.returncode == 0
-    deadline = time.monotonic() + timeout
-    states = []
-    while time.monotonic() < deadline:
-        states = queue_states(repo)
-        if len(states) == tasks and all(state in ("Success", "Failed") for state in states):
-            break
-        time.sleep(3)
-    run(["dvc", "queue", "stop"], repo)
-    return states
-
-
-def commit_all(repo: Path, message: str) -> str:
-    """`git add -A` and commit in a copy; the new commit's hash."""
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=repo, check=True)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-
-
-def run_record(run_id: str) -> dict:
-    """Everything MLflow holds of a run, to compare before and after: params, tags, every metric point, artifacts."""
-    client = mlflow.MlflowClient()
-    found = client.get_run(run_id)
-    return {
-        "status": found.info.status,
-        "params": found.data.params,
-        "tags": found.data.tags,
-        "metrics": {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-                    for key in found.data.metrics},
-        "artifacts": sorted(a.path for folder in ("", "figures") for a in client.list_artifacts(run_id, folder)),
-        "models": [m.model_id for m in mlflow.search_logged_models(
-            experiment_ids=[found.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-            output_format="list")],
-    }
-
-
-NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow refuses cloudpickled models
-
-
-# Python that takes this environment's editable install of the project off sys.path, as on a machine where only MLflow
-# is installed, and stops the process (status 3) when the project is still importable: a test that proved nothing.
-# A user's script starts with it; the scoring server's processes load it as their sitecustomize.
-HIDE_THE_PROJECT = """
-import importlib.util, os, sys
-sys.path[:] = [entry for entry in sys.path if not entry.rstrip("/").endswith("/src")]
-if importlib.util.find_spec("cvae_pipeline") is not None:
-    sys.stderr.write("the project is importable: the test would prove nothing\\n")
-    os._exit(3)
-"""
-
-# A user's script, where the project cannot be imported: only the code that travels with the model can make it load.
-PREDICT = HIDE_THE_PROJECT + """
-import mlflow
-import numpy as np
-mlflow.set_tracking_uri(sys.argv[1])
-np.save(sys.argv[4], mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load(sys.argv[3])))
-import cvae_pipeline
-print("cvae_pipeline from", cvae_pipeline.__file__)
-"""
-
-
-def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path) -> np.ndarray:
-    """Load a logged model with `mlflow.pyfunc` in a new Python process that cannot import the project, and predict:
-    the pixel probabilities of the images' mean reconstructions. The process refuses pickled models, as a careful
-    deployment does: the model must be logged as code."""
-    np.save(folder / "inputs.npy", images)
-    loaded = subprocess.run([sys.executable, "-c", PREDICT, tracking_uri, model_uri, str(folder / "inputs.npy"),
-                             str(folder / "outputs.npy")], env=subprocess_env(**NO_PICKLE), capture_output=True,
-                            text=True)
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert "/code/cvae_pipeline/__init__.py" in loaded.stdout, loaded.stdout  # the model's own copy of the code
-    return np.load(folder / "outputs.npy")
-
-
-def timeless(history):
-    """A training history (pandas.DataFrame) without its timing columns: what a seed fixes on one machine."""
-    from cvae_pipeline.training.loop import TIMING_COLUMNS
-
-    return history.drop(columns=list(TIMING_COLUMNS))

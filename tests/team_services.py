@@ -1,8 +1,8 @@
 """Real servers for the team tests, each on a free loopback port in a temporary folder: PostgreSQL, an S3-compatible
 store (moto in server mode), and `make mlflow-server` on top of both.
 
-PostgreSQL is Debian's, installed with apt when missing and the tests run as root (skipped with the reason
-otherwise); it refuses to run as root, so it then runs as the unprivileged `postgres` user (else `nobody`).
+PostgreSQL is Debian's, which `.ci/install-test-servers` installs (a test that finds it missing skips, which fails
+CI); it refuses to run as root, so it then runs as the unprivileged `postgres` user (else `nobody`).
 """
 
 import contextlib
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 
-APT_TIMEOUT_S = 900
 START_TIMEOUT_S = 120
 
 
@@ -36,16 +35,12 @@ def _postgres_bin() -> Path | None:
 
 
 def postgres_bin() -> Path:
-    """The folder of initdb and pg_ctl, after `apt-get install postgresql` where they are missing and we are root."""
+    """The folder of initdb and pg_ctl (`.ci/install-test-servers` installs them); skips, which fails CI, when
+    missing."""
     found = _postgres_bin()
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        quiet = {"capture_output": True, "timeout": APT_TIMEOUT_S,
-                 "env": {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}}
-        subprocess.run(["apt-get", "update", "-q"], **quiet)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"], **quiet)
-        found = _postgres_bin()
     if found is None:
-        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed and could not be (needs apt-get as root)")
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed: run .ci/install-test-servers (as root), or "
+                    "apt-get install postgresql")
     return found
 
 

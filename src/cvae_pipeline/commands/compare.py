@@ -38,7 +38,7 @@ def experiments_table(rows: list[dict]) -> pd.DataFrame:
     """One row per experiment (and its baseline commit), params then metrics, best test ELBO first."""
     table = pd.DataFrame(rows)
     if table.empty or "elbo" not in table:
-        raise UserInputError("no experiments with evaluate metrics here; run `dvc exp run` (see README, Sweeps)")
+        raise UserInputError("no experiments with evaluate metrics here; run `dvc exp run` (see docs/experiments.md)")
     table = table[(table["rev"] != "workspace") & table["elbo"].notna()].copy()
     table.insert(0, "experiment", table["Experiment"].fillna(table["rev"]))
     params = [key for key in param_keys() if key in table]

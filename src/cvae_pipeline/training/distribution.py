@@ -28,7 +28,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         cluster = os.environ.get(CLUSTER_ENV)
         if not cluster:
             raise UserInputError(f"train.strategy=multi_worker needs {CLUSTER_ENV} (the cluster and this worker's "
-                                 "index, as JSON); see the README, or use one_device, mirrored or auto")
+                                 "index, as JSON); see docs/team.md, or use one_device, mirrored or auto")
         try:
             json.loads(cluster)["cluster"]["worker"]
         except (ValueError, KeyError, TypeError) as error:

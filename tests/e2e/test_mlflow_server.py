@@ -1,0 +1,71 @@
+"""A team tracking server: `make mlflow-server` (SQL backend, served artifacts), and the pipeline logging to it."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from cvae_pipeline.config import ModelParams
+from cvae_pipeline.model.loading import load_trained, reconstruct
+from helpers import REPO, free_port, make_repo_copy, predict_in_fresh_process, run, setup_copy, subprocess_env
+from team_services import server_process, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`make mlflow-server` itself, with its store and artifacts in a temporary folder and on a free port."""
+    port, store, artifacts = free_port(), tmp_path / "server.db", tmp_path / "served-artifacts"
+    overrides = [f"SERVER_PORT={port}", f"SERVER_STORE=sqlite:///{store}", f"SERVER_ARTIFACTS={artifacts}"]
+    base = f"http://127.0.0.1:{port}"
+    with server_process(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env()) as (process, log):
+        wait_for_http(f"{base}/health", process, "make mlflow-server", log)
+        yield {"uri": base, "store": store, "artifacts": artifacts}
+
+
+def test_make_mlflow_server_listens_on_loopback_with_a_sql_store_and_served_artifacts():
+    dry_run = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "--host 127.0.0.1" in dry_run
+    assert '--backend-store-uri "sqlite:///' in dry_run and "--serve-artifacts" in dry_run
+    assert "--allowed-hosts" not in dry_run  # MLflow's default: localhost and private addresses only
+    named = subprocess.run(["make", "-n", "mlflow-server", "SERVER_ALLOWED_HOSTS=mlflow.internal,mlflow.internal:5000"],
+                           cwd=REPO, capture_output=True, text=True).stdout
+    assert '--allowed-hosts "mlflow.internal,mlflow.internal:5000"' in named
+
+
+def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):
+    repo = make_repo_copy(tmp_path / "repo")
+    env = setup_copy(repo, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+    result = run(["dvc", "repro"], repo, **env, MLFLOW_TRACKING_URI=server["uri"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # all of it went to the server
+
+    client = mlflow.MlflowClient(tracking_uri=server["uri"])
+    experiment = client.get_experiment_by_name("cvae-mnist")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED"
+    assert found.data.params["train.epochs"] == "2" and found.data.params["model.latent_dim"] == "2"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_elbo")] == [1, 2]
+    assert found.data.metrics["eval_iwae"] >= found.data.metrics["eval_elbo"]
+
+    figures = {artifact.path for artifact in client.list_artifacts(found.info.run_id, "figures")}
+    assert "figures/reconstructions.png" in figures and "figures/training_progress.gif" in figures
+    downloaded = client.download_artifacts(found.info.run_id, "figures/reconstructions.png", str(tmp_path))
+    assert Path(downloaded).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(server["artifacts"].rglob("reconstructions.png"))  # stored by the server, not by the client
+
+    mlflow.set_tracking_uri(server["uri"])
+    try:
+        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    images = np.random.default_rng(0).integers(0, 2, (2, 28, 28, 1)).astype(np.float32)
+    predicted = predict_in_fresh_process(server["uri"], logged.model_uri, images, tmp_path)
+    # In float32, whatever dtype policy an earlier test left set in this process.
+    model = load_trained(repo / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
+    np.testing.assert_allclose(predicted, reconstruct(model, images), rtol=1e-4, atol=1e-6)

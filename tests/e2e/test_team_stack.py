@@ -1,0 +1,170 @@
+"""A team's stack for real: `make mlflow-server` on PostgreSQL with its artifacts in S3-compatible storage (moto), a
+DVC remote in the same storage, the pipeline and a parallel sweep against them; and no secret on a command line."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from cvae_pipeline.config import ModelParams
+from cvae_pipeline.model.loading import load_trained, reconstruct
+from helpers import (
+    REPO,
+    commit_all,
+    make_repo_copy,
+    predict_in_fresh_process,
+    queue_states,
+    run,
+    setup_copy,
+    subprocess_env,
+    write_fake_mnist,
+)
+from team_services import connect, postgres_server, s3_server, tracking_server
+
+TINY_EVALUATION = {"iwae_k": 5, "samples": 1}
+SWEEP = "model.latent_dim=2,3 train.epochs=1,2 tracking.sweep=team"  # 4 experiments
+SWEEP_TIMEOUT_S = 900
+VENV = Path(sys.prefix)  # this test's environment, in place of a copy's own .venv/
+MAKE_IN_COPY = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}", "EXTRAS="]
+
+
+def test_make_mlflow_server_takes_the_database_password_from_the_environment_only():
+    secret = "pg-secret-in-env"
+    shown = subprocess.run(["make", "-n", "mlflow-server", "SERVER_STORE=postgresql://mlflow@db.internal:5432/mlflow",
+                            "SERVER_ARTIFACTS=s3://team-bucket/mlflow-artifacts"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "PGPASSWORD": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    assert shown.returncode == 0, shown.stderr
+    assert '--backend-store-uri "postgresql://mlflow@db.internal:5432/mlflow"' in shown.stdout
+    assert secret not in shown.stdout + shown.stderr
+    for store in (f"postgresql://mlflow:{secret}@db/mlflow", f"postgresql://mlflow@db/mlflow?password={secret}",
+                  f"postgresql://mlflow@db/mlflow?sslmode=require&password={secret}"):  # libpq reads both forms
+        refused = subprocess.run([*MAKE_IN_COPY, "mlflow-server", f"SERVER_STORE={store}"], cwd=REPO,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2, store
+        assert refused.stderr.startswith("make mlflow-server: SERVER_STORE holds a password"), refused.stderr
+
+
+def test_the_documented_team_setup_has_no_secret_in_a_command():
+    readme = (REPO / "docs" / "team.md").read_text()
+    section = readme.split("## Team setup", 1)[1].split("\n## ", 1)[0]
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    assert "PGPASSWORD" in commands and "AWS_SECRET_ACCESS_KEY" in commands
+    assert "postgresql://" in commands and not re.search(r"://[^/@\s]+:[^/@\s]+@", commands), "a password in a URI"
+    code = "\n".join(line.split("#", 1)[0] for line in commands.splitlines())  # what runs, not the comments
+    assert not re.search(r"(PGPASSWORD|AWS_SECRET_ACCESS_KEY)=|secret_access_key|access_key_id", code), code
+    assert "dvc remote modify --local team credentialpath" in code  # DVC's keys: a file named in config.local
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """PostgreSQL, the S3 server and `make mlflow-server` on both, shared by this module's end-to-end tests."""
+    with postgres_server() as database, s3_server() as objects, tracking_server(database, objects) as uri:
+        yield {"database": database, "objects": objects, "uri": uri}
+
+
+def _succeeds(command: list[str], cwd: Path, timeout: float | None = None, **env: str) -> str:
+    done = subprocess.run(command, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _s3_remote(repo: Path, objects) -> None:
+    """The copy's default DVC remote in the bucket: its address in Git; its keys in a file beside the copy, named in
+    .dvc/config.local only."""
+    _succeeds(["dvc", "remote", "add", "-d", "team", f"s3://{objects.bucket}/dvc-storage"], repo)
+    _succeeds(["dvc", "remote", "modify", "team", "endpointurl", objects.endpoint], repo)
+    credentials = repo.parent / "team-bucket-credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = {objects.env['AWS_ACCESS_KEY_ID']}\n"
+                           f"aws_secret_access_key = {objects.env['AWS_SECRET_ACCESS_KEY']}\n")
+    _succeeds(["dvc", "remote", "modify", "--local", "team", "credentialpath", str(credentials)], repo)
+
+
+def _runs_in_postgres(database) -> list[tuple[str, str]]:
+    """(name, status) of every run, read from the database itself: the server stored them there."""
+    with connect(database) as connection:
+        return connection.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
+
+
+def _logged_models(uri: str, experiment: str) -> list:
+    """The experiment's logged models, asked of the server (the fluent API is the one that searches them)."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it
+
+
+@pytest.mark.slow
+def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
+    objects, uri = stack["objects"], stack["uri"]
+    repo = make_repo_copy(tmp_path / "repo")
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION)
+    _s3_remote(repo, objects)
+    _succeeds([*MAKE_IN_COPY, "repro"], repo, **env, MLFLOW_TRACKING_URI=uri)
+    commit_all(repo, "trained, with an S3 remote")
+    committed = subprocess.run(["git", "grep", "-I", "-l", objects.env["AWS_SECRET_ACCESS_KEY"]], cwd=repo,
+                               capture_output=True, text=True)
+    assert committed.stdout == "" and not (repo / "mlflow.db").exists()
+
+    client = mlflow.MlflowClient(tracking_uri=uri)  # all of it over HTTP
+    experiment = client.get_experiment_by_name("cvae-mnist").experiment_id
+    (found,) = client.search_runs([experiment])
+    assert (found.info.run_name, found.info.status) in _runs_in_postgres(stack["database"])
+    assert found.data.params["train.epochs"] == "2" and found.data.params["model.latent_dim"] == "2"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_elbo")] == [1, 2]
+    assert found.data.metrics["eval_iwae"] >= found.data.metrics["eval_elbo"]
+    figure = client.download_artifacts(found.info.run_id, "figures/reconstructions.png", str(tmp_path))
+    assert Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stored = objects.keys("mlflow-artifacts/")
+    assert any(key.endswith("figures/reconstructions.png") for key in stored)  # in the bucket, by the server
+    assert any(key.endswith("MLmodel") for key in stored)
+
+    _succeeds(["dvc", "push"], repo)
+    assert objects.keys("dvc-storage/")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert not (clone / ".dvc/config.local").exists()  # a teammate brings their own keys: here, in the environment
+    _succeeds(["dvc", "pull"], clone, **objects.env)
+    assert "Data and pipelines are up to date" in _succeeds(["dvc", "status"], clone)
+    for output in ("models/cvae.keras", "data/prepared/mnist.npz", "reports/metrics.json"):
+        assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
+
+    (logged,) = _logged_models(uri, experiment)
+    images = np.random.default_rng(0).integers(0, 2, (2, 28, 28, 1)).astype(np.float32)
+    served = predict_in_fresh_process(uri, logged.model_uri, images, tmp_path)
+    pulled = load_trained(clone / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
+    np.testing.assert_allclose(served, reconstruct(pulled, images), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_a_parallel_sweep_against_the_postgres_server_loses_nothing(tmp_path, stack):
+    uri = stack["uri"]
+    repo = make_repo_copy(tmp_path / "repo")
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION)
+    commit_all(repo, "tiny")
+    _succeeds([*MAKE_IN_COPY, "sweep", f"S={SWEEP}", "J=2"], repo, timeout=SWEEP_TIMEOUT_S, **env,
+              MLFLOW_TRACKING_URI=uri)
+    assert queue_states(repo) == ["Success"] * 4, run(["dvc", "queue", "status"], repo).stdout
+    names = set(run(["dvc", "exp", "list", "--name-only"], repo).stdout.split())
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("cvae-mnist").experiment_id
+    swept = client.search_runs([experiment], "tags.sweep = 'team'")
+    assert {r.info.run_name for r in swept} == names and len(swept) == 4
+    assert {(name, "FINISHED") for name in names} <= set(_runs_in_postgres(stack["database"]))
+    models = _logged_models(uri, experiment)
+    for found in swept:
+        epochs = int(found.data.params["train.epochs"])
+        history = client.get_metric_history(found.info.run_id, "test_elbo")
+        assert [m.step for m in history] == list(range(1, epochs + 1)), found.info.run_name  # each point once
+        assert {"eval_elbo", "eval_iwae", "final_test_elbo"} <= set(found.data.metrics)
+        assert len([m for m in models if m.source_run_id == found.info.run_id]) == 1  # one model per training
+        assert len(client.list_artifacts(found.info.run_id, "figures")) >= 5

@@ -1,0 +1,194 @@
+"""The stage's MLflow session: how params are flattened, how runs open and end, and a store that fails."""
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from cvae_pipeline.config import TrackingParams
+from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.tracking import runs as records
+from cvae_pipeline.tracking import session as tracking
+from helpers import REPO, params_with
+
+CFG = TrackingParams(experiment="e", sweep=None, required=True)
+
+
+def test_params_are_flattened_as_params_yaml_spells_them():
+    flat = tracking.flatten(params_with(train={"batch_size": 64}))
+    assert flat["train.batch_size"] == "64"
+    assert flat["data.train_limit"] == "null"
+    assert flat["train.jit_compile"] == "auto" and flat["train.deterministic"] == "true"
+    assert flat["model.encoder_filters"] == "[32, 64]"
+    assert flat["train.kl"] == "analytic"
+    assert flat["seed"] == "0"
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert len(flat) == sum(len(section) for section in shipped.values() if isinstance(section, dict)) + 1  # + seed
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def status_of(run_id):
+    return mlflow.MlflowClient().get_run(run_id).info.status
+
+
+def test_experiment_is_created_once_for_model_training_with_artifacts_in_the_main_repository(store, monkeypatch):
+    copy = store / ".dvc" / "tmp" / "exps" / "tmp1"  # as `dvc exp run --queue` runs a stage
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    first = tracking.ensure_experiment("sweep")
+    assert tracking.ensure_experiment("sweep") == first
+    experiment = mlflow.MlflowClient().get_experiment(first)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.removeprefix("file://").startswith(str(store / "mlruns"))
+    assert (store / "mlflow.db").exists() and not (copy / "mlflow.db").exists()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"),
+                                                 (KeyboardInterrupt, "KILLED")])
+def test_a_run_never_stays_running(store, raised, status):
+    expected = pytest.raises(raised) if raised else contextlib.nullcontext()
+    with expected, tracking.Session(CFG).open_run(tags={"k": "v"}) as run:
+        run_id = run.info.run_id
+        if raised:
+            raise raised
+    assert status_of(run_id) == status
+    assert mlflow.MlflowClient().get_run(run_id).data.tags["k"] == "v"
+
+
+def test_a_run_reopened_by_id_continues_and_ends_finished(store):
+    session = tracking.Session(CFG)
+    with pytest.raises(KeyboardInterrupt), session.open_run() as run:
+        session.log_metrics({"loss": 2.0}, step=1)
+        raise KeyboardInterrupt
+    with session.open_run(run_id=run.info.run_id) as again:
+        session.log_metrics({"loss": 1.0}, step=2)
+    assert again.info.run_id == run.info.run_id
+    assert status_of(run.info.run_id) == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+def test_mlflow_run_id_from_the_environment_is_ignored(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
+    with tracking.Session(CFG).open_run() as run:
+        assert run.info.run_id != "0123456789abcdef"
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.reliability
+def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
+    client = mlflow.MlflowClient()
+    experiment_id = tracking.ensure_experiment("e")
+    orphan = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(dead_pid())})
+    alive = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(os.getpid())})
+    elsewhere = client.create_run(experiment_id, tags={"host": "another-machine", "pid": str(dead_pid())})
+    with tracking.Session(CFG).open_run() as run:
+        assert run.data.tags["pid"] == str(os.getpid()) and run.data.tags["host"] == tracking.HOST
+    assert status_of(orphan.info.run_id) == "KILLED"
+    assert status_of(alive.info.run_id) == "RUNNING"  # a live process, e.g. another sweep worker
+    assert status_of(elsewhere.info.run_id) == "RUNNING"  # its host's own stages will judge it
+
+
+def closed_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.reliability
+def test_a_tracking_server_that_does_not_answer_is_an_error_when_required(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
+    session = tracking.Session(CFG)
+    for _ in range(2):  # and again: a failed check is not remembered as "offline"
+        with pytest.raises(tracking.TrackingError, match=r"does not answer .*tracking\.required: false"):
+            session.connect()
+
+
+@pytest.mark.reliability
+def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
+    optional = dataclasses.replace(CFG, required=False)
+    session = tracking.Session(optional)
+    with session.open_run() as run:
+        assert run is None
+        session.log_params(params_with())
+        session.log_metrics({"loss": 1.0}, step=1)
+        session.log_artifacts([tmp_path / "absent.png"], "figures")
+    records.write_run_reference(tmp_path / "run.json", run)
+    assert records.read_run_id(tmp_path / "run.json") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a store that works, but training ran without it
+    (tmp_path / "history.csv").write_text("epoch,train_loss,test_elbo,test_reconstruction,test_kl\n1,100,-99,90,9\n")
+    (tmp_path / "train.json").write_text('{"epochs": 1}')
+    upstream = Upstream(tmp_path / "run.json", tmp_path / "history.csv", tmp_path / "train.json")
+    session = tracking.Session(CFG)
+    with records.stage_run(session, params_with(), "evaluate", upstream) as reopened:
+        session.log_metrics({"eval_elbo": -80.0})
+    assert reopened is None and not list(tmp_path.glob("mlflow.db"))
+
+
+@pytest.mark.reliability
+def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_required(store, monkeypatch):
+    def broken(name, uri=None):
+        raise ConnectionResetError("the store\nwent away")
+
+    monkeypatch.setattr(tracking, "ensure_experiment", broken)
+    with pytest.raises(tracking.TrackingError) as stopped, tracking.Session(CFG).open_run():
+        pass
+    assert str(stopped.value).startswith(f"MLflow store {tracking.tracking_uri()} failed during the stage "
+                                         "(ConnectionResetError: the store went away): ")
+    assert "tracking.required: false" in str(stopped.value) and "\n" not in str(stopped.value)
+    session = tracking.Session(dataclasses.replace(CFG, required=False))
+    with session.open_run() as run:
+        assert run is None
+        session.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store(store, monkeypatch, required):
+    def buggy(mlflow):
+        raise TypeError("a bug in what is logged")
+
+    session = tracking.Session(dataclasses.replace(CFG, required=required))
+    with session.open_run() as run:
+        with pytest.raises(TypeError, match="a bug"):
+            session.log_with(buggy)
+        session.log_metrics({"loss": 1.0}, step=1)  # still online: a bug is not the store's failure
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"loss": 1.0}
+
+
+@pytest.mark.reliability
+def test_a_run_being_reopened_is_claimed_before_it_is_running_so_no_stage_takes_it_for_a_dead_one(store, monkeypatch):
+    client = mlflow.MlflowClient()
+    previous = client.create_run(tracking.ensure_experiment("e"), tags={"host": tracking.HOST, "pid": str(dead_pid())})
+    client.set_terminated(previous.info.run_id, "KILLED")
+    owners_at_reopening = []
+    start_run = mlflow.start_run
+
+    def watched_start_run(*args, **kwargs):  # the moment the run turns RUNNING again
+        owners_at_reopening.append(client.get_run(previous.info.run_id).data.tags["pid"])
+        return start_run(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "start_run", watched_start_run)
+    with tracking.Session(CFG).open_run(run_id=previous.info.run_id):
+        pass
+    assert owners_at_reopening == [str(os.getpid())]
+    assert status_of(previous.info.run_id) == "FINISHED"

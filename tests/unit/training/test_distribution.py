@@ -1,0 +1,247 @@
+"""tf.distribute: the strategy choice; MirroredStrategy (2 and 3 logical CPUs) and MultiWorkerMirroredStrategy (2 worker
+processes on loopback) training to the one-device loss curve at the same global batch size, and summing the replicas'
+gradients to the one-device gradient; workers that disagree or die; and the README's launch of workers with
+`dvc exp run`, two repository copies standing in for two hosts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pandas
+import pytest
+
+from cvae_pipeline.training.distribution import resolve
+from helpers import REPO, make_repo_copy, runs_in, setup_copy, subprocess_env, timeless
+
+pytestmark = pytest.mark.slow
+
+TOLERANCE = 0.02  # relative, per epoch: the replicas draw other noise than one device does, nothing else differs
+EPOCHS = 3
+STEP_TOLERANCE = 0.02  # measured 0.01% (the two draw other noise); a wrong sum or mean is off by 50-100%
+
+# Trains the small synthetic set.
+SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import tensorflow as tf
+if os.environ.get("LOGICAL_CPUS"):
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(os.environ["LOGICAL_CPUS"]))])
+import keras
+import numpy as np
+from helpers import params_with, synthetic_digits
+from cvae_pipeline.data import PreparedData, Split
+from cvae_pipeline.training.loop import Trainer
+data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
+if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many images: its size is the gradient's
+    keras.optimizers.Adam = keras.optimizers.SGD
+    count = int(os.environ["ONE_SGD_STEP"])
+    data = PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test)
+    params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": count, "learning_rate": 1e-3,
+                         "schedule": "constant", "strategy": sys.argv[1], "precision": "float32"}})
+    trainer = Trainer(params, data)
+    before = [variable.numpy() for variable in trainer.model.trainable_variables]
+    trainer.train_epoch(1)
+    after = [variable.numpy() for variable in trainer.model.trainable_variables]
+    step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
+    print("RESULT", json.dumps({{"step": float(step), "replicas": trainer.strategy.num_replicas_in_sync}}))
+    sys.exit()
+params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.environ.get("BATCH", 32)),
+                     "learning_rate": 1e-3, "schedule": "constant", "epochs": {epochs},
+                     "strategy": sys.argv[1], "precision": "float32"}})
+trainer = Trainer(params, data)
+curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
+print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_replicas_in_sync,
+                            "batch": trainer.training_set.batch_size,
+                            "steps": trainer.training_set.steps_per_epoch, "chief": trainer.is_chief,
+                            "test_elbo": trainer.scorer.evaluate()["test_elbo"]}}))
+""".format(tests=str(REPO / "tests"), epochs=EPOCHS)
+
+
+def start(script: str, *args: str, **env: str) -> subprocess.Popen:
+    """`script` in a fresh Python process (devices can only be split before TensorFlow starts)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=environment, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def train(strategy: str, **env: str) -> subprocess.Popen:
+    return start(SCRIPT, strategy, **env)
+
+
+def cluster(workers: list[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of `workers`."""
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def result(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return result(train("one_device"))
+
+
+def assert_same_curve(curve, reference):
+    assert len(curve) == len(reference) == EPOCHS
+    for epoch, (value, expected) in enumerate(zip(curve, reference, strict=True), start=1):
+        assert abs(value - expected) <= TOLERANCE * abs(expected), (epoch, curve, reference)
+    assert curve[-1] < curve[0]  # and it learns
+
+
+@pytest.mark.parametrize(("name", "gpus", "chosen"), [("auto", 0, "one_device"), ("auto", 1, "one_device"),
+                                                      ("auto", 2, "mirrored"), ("mirrored", 0, "mirrored"),
+                                                      ("one_device", 4, "one_device")])
+def test_auto_mirrors_over_several_gpus_only(name, gpus, chosen):
+    assert resolve(name, gpus) == chosen
+
+
+def test_mirrored_on_two_logical_cpus_follows_the_one_device_curve(one_device):
+    mirrored = result(train("mirrored", LOGICAL_CPUS="2"))
+    assert mirrored["replicas"] == 2
+    assert_same_curve(mirrored["curve"], one_device["curve"])
+
+
+def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_device_curve():
+    """512 = 17 x 30 + 2: one device trains on the 2, three replicas drop them (one would have no image)."""
+    mirrored = result(train("mirrored", LOGICAL_CPUS="3", BATCH="30"))
+    assert mirrored["replicas"] == 3
+    assert_same_curve(mirrored["curve"], result(train("one_device", BATCH="30"))["curve"])
+
+
+@pytest.mark.parametrize("replicas", [3, 7, 8])
+def test_the_default_batch_trains_on_replicas_it_does_not_split_over_rounded_down_to_whole_images_each(replicas):
+    """tf.distribute would hand 100 images to 3 replicas as 34/33/33, 7 as 15 x 6 + 10, 8 as 13 x 7 + 9."""
+    mirrored = result(train("mirrored", LOGICAL_CPUS=str(replicas), BATCH="100"))
+    expected = {3: 99, 7: 98, 8: 96}[replicas]
+    assert (mirrored["replicas"], mirrored["batch"], mirrored["steps"]) == (replicas, expected, 512 // expected)
+    assert mirrored["curve"][-1] < mirrored["curve"][0]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for probe in sockets:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
+def test_two_workers_on_loopback_follow_the_one_device_curve(one_device):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [train("multi_worker", TF_CONFIG=cluster(workers, index)) for index in range(2)]
+    chief, other = (result(process) for process in processes)
+    assert chief["replicas"] == other["replicas"] == 2
+    assert chief["chief"] and not other["chief"]
+    assert chief["curve"] == other["curve"]  # the all-reduced losses...
+    assert chief["test_elbo"] == other["test_elbo"]  # ...and each worker's own weights: one model, in lockstep
+    assert_same_curve(chief["curve"], one_device["curve"])
+
+
+@pytest.mark.parametrize(("replicas", "images"), [(2, 512), (3, 510)])
+def test_replicas_sum_their_gradients_to_the_one_device_gradient(replicas, images):
+    """Adam hides a gradient off by a constant factor (its step is scale-free); a plain SGD step does not: the
+    replicas' gradients of their share of the global mean must add up to the one-device gradient."""
+    one, mirrored = (result(train(strategy, ONE_SGD_STEP=str(images), LOGICAL_CPUS=cpus))
+                     for strategy, cpus in (("one_device", ""), ("mirrored", str(replicas))))
+    assert mirrored["replicas"] == replicas
+    assert abs(mirrored["step"] / one["step"] - 1) <= STEP_TOLERANCE, (mirrored, one)
+
+
+def test_multi_worker_without_a_cluster_says_what_is_missing():
+    process = train("multi_worker", TF_CONFIG="")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0 and "train.strategy=multi_worker needs TF_CONFIG" in err
+
+
+ENDLESS = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import params_with, synthetic_digits
+from cvae_pipeline.data import PreparedData, Split
+from cvae_pipeline.training.loop import Trainer
+data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
+trainer = Trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
+                                                               "precision": "float32"}}), data)
+for epoch in range(1, 1000):
+    trainer.train_epoch(epoch)
+    print("EPOCH", epoch, flush=True)
+""".format(tests=str(REPO / "tests"))
+
+
+def test_when_a_worker_dies_the_others_stop_saying_so():
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    chief, doomed = (start(ENDLESS, TF_CONFIG=cluster(workers, index)) for index in range(2))
+    try:
+        if not any(line.startswith("EPOCH 1") for line in doomed.stdout):  # stops reading at the first epoch's end
+            pytest.fail("the second worker ended before its first epoch")
+        doomed.kill()
+        _, err = chief.communicate(timeout=120)  # loopback resets the connection at once; TF's health check, else
+    finally:
+        for process in (chief, doomed):
+            process.kill()
+            process.wait()
+    assert chief.returncode != 0
+    assert "another worker of the cluster is gone" in err and "start every worker again" in err
+
+
+AGREEMENT = """
+import os, sys
+import tensorflow as tf
+from cvae_pipeline.training.distribution import require_same_on_every_worker
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+require_same_on_every_worker(strategy, {"checkpoint epoch": int(sys.argv[1])}, "give them the same checkpoint")
+print("AGREED")
+"""
+
+
+@pytest.mark.parametrize(("epochs", "agreed"), [((3, 3), True), ((0, 3), False)])
+def test_workers_resuming_from_different_checkpoints_all_stop_saying_why(epochs, agreed):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [start(AGREEMENT, str(epoch), TF_CONFIG=cluster(workers, index)) for index, epoch in enumerate(epochs)]
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        if agreed:
+            assert process.returncode == 0 and "AGREED" in out, err[-2000:]
+        else:  # every worker, not only the one that differs from the chief
+            assert process.returncode != 0 and "AGREED" not in out
+            assert "the workers disagree on their checkpoint epoch (0, 3): give them the same checkpoint" in err
+
+
+def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
+    """Each "host" is its own clone of one commit; both run `dvc exp run -S train.strategy=multi_worker` at once."""
+    hosts = [make_repo_copy(tmp_path / name) for name in ("host1", "host2")]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index, host in enumerate(hosts):
+        env = setup_copy(host, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+        processes.append(subprocess.Popen(["dvc", "exp", "run", "-S", "train.strategy=multi_worker"], cwd=host,
+                                          env=subprocess_env(TF_CONFIG=cluster(workers, index), **env), text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in processes:
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, out[-3000:]
+        assert "2 replica(s)" in out  # one cluster, not two machines each training alone
+    from cvae_pipeline.training.loop import TIMING_COLUMNS
+
+    chief, other = hosts
+    # One model, trained in lockstep: the same losses and scores on both; only the timings differ.
+    untimed = [*TIMING_COLUMNS, "train_seconds", "seconds_to_quality"]
+    histories = [timeless(pandas.read_csv(host / "reports/train_history.csv")) for host in hosts]
+    pandas.testing.assert_frame_equal(*histories)
+    finals = [{key: value for key, value in json.loads((host / "reports/train_metrics.json").read_text()).items()
+               if key not in untimed} for host in hosts]
+    assert finals[0] == finals[1]
+    assert (chief / "reports/metrics.json").read_text() == (other / "reports/metrics.json").read_text()
+    runs = runs_in(chief)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["params.train.strategy"] == "multi_worker"
+    assert json.loads((other / "models/mlflow_run.json").read_text())["run_id"] is None  # only the chief logs
+    assert not (other / "mlflow.db").exists() or runs_in(other).empty

@@ -1,0 +1,401 @@
+"""The training loop in-process: it learns, it is deterministic, it resumes exactly, it stops on NaN."""
+
+import re
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cvae_pipeline.errors import TrainingError
+from cvae_pipeline.model.losses import elbo_terms
+from cvae_pipeline.model.network import build_cvae
+from cvae_pipeline.training.loop import TIMING_COLUMNS, Trainer
+from cvae_pipeline.training.stage import final_metrics
+from helpers import params_with
+
+FAST = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "epochs": 2, "eval_limit": None}
+
+
+def small_params(**train):
+    return params_with(model={"latent_dim": 4}, train={**FAST, **train})
+
+
+def test_one_epoch_on_512_images_lowers_the_loss(small_data):
+    trainer = Trainer(small_params(), small_data)
+    before = trainer.scorer.evaluate()
+    metrics = trainer.train_epoch(1)
+    after = trainer.scorer.evaluate()
+    assert after["test_elbo"] > before["test_elbo"] + 50  # nats per image
+    assert metrics["train_loss"] < -before["test_elbo"]
+    assert trainer.training_set.steps_per_epoch == 16
+
+
+def first_step_loss(data, **train) -> float:
+    """The loss of the first optimizer step (computed before its update), same seed: same weights, batch, noise."""
+    trainer = Trainer(small_params(precision="float32", **train), data)
+    return float(trainer._train_steps(trainer.training_set.batches(1, 1), tf.constant(1))[0])
+
+
+def test_the_loss_trained_on_weights_the_kl_by_beta_and_estimates_it_as_train_kl_says(small_data):
+    # At initialisation the KL is about 0.01 nats against a loss of about 540: large betas make it measurable.
+    loss = {(kl, beta): first_step_loss(small_data, kl=kl, beta=beta)
+            for kl in ("analytic", "monte_carlo") for beta in (0.0, 100.0, 200.0)}
+    reconstruction = loss["analytic", 0.0]
+    assert loss["monte_carlo", 0.0] == pytest.approx(reconstruction, rel=1e-6)  # beta 0: no KL at all
+    kl_terms = {}
+    for kl in ("analytic", "monte_carlo"):
+        kl_terms[kl] = (loss[kl, 200.0] - reconstruction) / 200
+        assert abs(kl_terms[kl]) > 1e-3
+        assert (loss[kl, 100.0] - reconstruction) / 100 == pytest.approx(kl_terms[kl], rel=1e-2)  # linear in beta
+    # One draw of log q - log p differs from the closed form (their expectations agree: test_losses.py).
+    assert kl_terms["monte_carlo"] != pytest.approx(kl_terms["analytic"], rel=0.05)
+
+
+def timeless(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in history]
+
+
+def train_fresh(params, data, path):
+    trainer = Trainer(params, data)
+    checkpoint = trainer.checkpoint(path)
+    return trainer, trainer.fit(trainer.start(checkpoint), checkpoint)
+
+
+def start(trainer, path):
+    """The state `trainer` trains from, after reading the checkpoint at `path`."""
+    return trainer.start(trainer.checkpoint(path))
+
+
+def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(small_data, tmp_path):
+    _, first = train_fresh(small_params(), small_data, tmp_path / "a.npz")
+    _, second = train_fresh(small_params(), small_data, tmp_path / "b.npz")
+    assert timeless(first.history) == timeless(second.history)
+    _, other = train_fresh(params_with(seed=1, model={"latent_dim": 4}, train=FAST), small_data, tmp_path / "c.npz")
+    assert timeless(other.history) != timeless(first.history)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(params, data, path, epoch: int) -> None:
+    """Train from scratch into the checkpoint at `path`, stopped after `epoch`'s checkpoint, before it is logged: as
+    a kill there would."""
+    def interrupt(finished, metrics):
+        if finished == epoch:
+            raise Interrupted
+
+    broken = Trainer(params, data)
+    with pytest.raises(Interrupted):
+        broken.fit(start(broken, path), broken.checkpoint(path), on_epoch=interrupt)
+
+
+def resume(params, data, path, epoch: int):
+    """Resume the interrupted training at `path` (asserting it resumes after `epoch`) and finish it."""
+    resumed = Trainer(params, data)
+    state = start(resumed, path)
+    assert state.epoch == epoch
+    return resumed, resumed.fit(state, resumed.checkpoint(path))
+
+
+def assert_same_weights(trainer, other):
+    for a, b in zip(trainer.model.get_weights(), other.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.reliability
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
+    params = small_params(epochs=3)
+    whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+    interrupt_after(params, small_data, tmp_path / "resumed.npz", epoch=2)
+    resumed, state = resume(params, small_data, tmp_path / "resumed.npz", epoch=2)
+    assert timeless(state.history) == timeless(whole_state.history)
+    assert_same_weights(resumed, whole)
+    assert len(state.grids) == 4  # epoch 0 and each of the 3 epochs
+    np.testing.assert_array_equal(np.stack(state.grids), np.stack(whole_state.grids))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("precision", "jit_compile"), [("mixed_float16", False), ("float32", True),
+                                                         ("mixed_bfloat16", True)],
+                         ids=["float16-loss-scaled", "xla", "bfloat16-xla"])
+def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, tmp_path, precision, jit_compile):
+    # What `auto` picks on GPUs (XLA; float16 with loss scaling below compute capability 8.0) runs on the CPU too.
+    params = small_params(epochs=2, precision=precision, jit_compile=jit_compile)
+    try:
+        whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+        assert (whole.precision.value, whole.jit_compile.value) == (precision, jit_compile)
+        assert whole._train_step._jit_compile is jit_compile  # what the compiled step was built with
+        assert whole.model.encoder.get_layer("encoder_conv_1").compute_dtype == precision.removeprefix("mixed_")
+        assert whole.optimizer.__class__.__name__ == ("LossScaleOptimizer" if precision == "mixed_float16"
+                                                      else "AveragingAdam")
+        first, second = whole_state.history
+        assert second["train_loss"] < first["train_loss"] and second["test_elbo"] > first["test_elbo"]
+        interrupt_after(params, small_data, tmp_path / "resumed.npz", epoch=1)
+        resumed, state = resume(params, small_data, tmp_path / "resumed.npz", epoch=1)
+        assert timeless(state.history) == timeless(whole_state.history)
+        assert_same_weights(resumed, whole)
+        for a, b in zip(resumed.optimizer.variables, whole.optimizer.variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())  # a loss scale too, where there is one
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_train_deterministic_is_tensorflows_op_determinism(small_data, monkeypatch, deterministic):
+    enabled = []
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
+    Trainer(small_params(deterministic=deterministic), small_data)
+    assert enabled == ([True] if deterministic else [])
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):
+    train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
+    other = Trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
+    assert start(other, tmp_path / "c.npz").epoch == 0
+    same = Trainer(small_params(epochs=1), small_data)
+    assert start(same, tmp_path / "c.npz").epoch == 1
+
+
+@pytest.mark.reliability
+def test_a_damaged_checkpoint_starts_afresh(small_data, tmp_path):
+    (tmp_path / "c.npz").write_bytes(b"not a checkpoint")
+    assert start(Trainer(small_params(), small_data), tmp_path / "c.npz").epoch == 0
+
+
+@pytest.mark.reliability
+def test_a_whole_checkpoint_that_does_not_fit_the_model_starts_afresh_with_the_initial_variables(small_data, tmp_path,
+                                                                                                 caplog):
+    trained, _ = train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as saved:
+        arrays = {name: saved[name] for name in saved.files if name != "optimizer_003"}
+    with open(tmp_path / "c.npz", "wb") as handle:  # one optimizer variable short: the weights fit, the rest not
+        np.savez(handle, **arrays)
+    fresh = Trainer(small_params(epochs=1), small_data)
+    initial = fresh.checkpoint(tmp_path / "c.npz").variables()
+    assert start(fresh, tmp_path / "c.npz").epoch == 0
+    assert "is damaged" in caplog.text
+    after = fresh.checkpoint(tmp_path / "c.npz").variables()
+    for a, b in zip(after.model_weights + after.optimizer_variables, initial.model_weights +
+                    initial.optimizer_variables, strict=True):
+        np.testing.assert_array_equal(a, b)  # not the saved weights, which were assigned before the mismatch
+    assert not np.array_equal(after.model_weights[0], trained.model.get_weights()[0])
+
+
+@pytest.mark.reliability
+def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
+    trainer = Trainer(small_params(learning_rate=1e30), small_data)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+; try a lower train.learning_rate"):
+        trainer.fit(start(trainer, tmp_path / "c.npz"), trainer.checkpoint(tmp_path / "c.npz"))
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_final_metrics_summarize_the_history():
+    history = [{"epoch": 1, "train_loss": 9.0, "test_elbo": -9.0, "test_reconstruction": 7.0, "test_kl": 2.0,
+                "epoch_seconds": 2.0, "images_per_second": 100.0, "elapsed_seconds": 6.5},
+               {"epoch": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
+                "epoch_seconds": 3.0, "images_per_second": 300.0, "elapsed_seconds": 10.0}]
+    final = final_metrics(history)
+    assert final == {"epochs": 2, "train_loss": 8.0, "test_elbo": -8.0, "test_reconstruction": 6.0, "test_kl": 2.0,
+                     "train_seconds": 5.0, "elapsed_seconds": 10.0, "images_per_second": 200.0,
+                     "epoch_to_quality": 1, "seconds_to_quality": 6.5}  # -9.0 is already better than -78.3
+    slow = [{**row, "test_elbo": elbo} for row, elbo in zip(history, (-80.0, -78.3), strict=True)]
+    assert final_metrics(slow)["epoch_to_quality"] == 2 and final_metrics(slow)["seconds_to_quality"] == 10.0
+    assert "epoch_to_quality" not in final_metrics(slow[:1])  # not reached: absent, not a made-up number
+
+
+def test_steps_per_call_changes_the_loop_not_the_numbers(small_data, tmp_path):
+    _, per_step = train_fresh(small_params(epochs=1), small_data, tmp_path / "a.npz")
+    _, chunked = train_fresh(small_params(epochs=1, steps_per_call=5), small_data, tmp_path / "b.npz")  # 5+5+5+1
+    assert timeless(chunked.history) == timeless(per_step.history)
+
+
+def test_divergence_inside_a_chunk_names_the_exact_step(small_data, tmp_path):
+    per_step = Trainer(small_params(learning_rate=1e30), small_data)
+    with pytest.raises(TrainingError) as first:
+        per_step.train_epoch(1)
+    chunked = Trainer(small_params(learning_rate=1e30, steps_per_call=16), small_data)
+    with pytest.raises(TrainingError) as second:
+        chunked.train_epoch(1)
+    assert str(first.value) == str(second.value)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad):
+    trainer = Trainer(small_params(steps_per_call=4), small_data)
+    compiled, calls = trainer._train_steps, []
+
+    def poisoned(iterator, count):
+        losses = compiled(iterator, count).numpy()
+        if len(calls) == 1:
+            losses[2] = bad  # the 3rd step of the 2nd call: step 7 of the epoch
+        calls.append(count)
+        return tf.constant(losses)
+
+    trainer._train_steps = poisoned
+    with pytest.raises(TrainingError, match=rf"loss is {re.escape(str(np.float32(bad)))} at epoch 3, step 7;"):
+        trainer.train_epoch(3)
+    assert len(calls) == 2  # stopped at once, not at the end of the epoch
+
+
+# --- issue 16: the schedule, the background checkpoint ---------------------------------------------
+
+def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoch(small_data, tmp_path):
+    from cvae_pipeline.model.optimization import learning_rate
+
+    cfg = small_params(schedule="cosine", epochs=4, warmup_epochs=1, learning_rate=2e-3,
+                       final_learning_rate=1e-4).train
+    schedule = learning_rate(cfg, steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in range(41)]
+    assert rates[0] == 0 and rates[10] == pytest.approx(2e-3) and rates[40] == pytest.approx(1e-4)
+    assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
+    assert learning_rate(small_params(schedule="constant").train, 10) == FAST["learning_rate"]
+    # A warm-up as long as training (a quick `-S train.epochs=1` of the default) is cut to all epochs but the last.
+    short = learning_rate(small_params(schedule="cosine", epochs=2, warmup_epochs=5, learning_rate=2e-3,
+                                       final_learning_rate=0).train, steps_per_epoch=10)
+    assert float(short(0)) == 0 and float(short(10)) == pytest.approx(2e-3) and float(short(20)) == pytest.approx(0)
+    single = learning_rate(small_params(schedule="cosine", epochs=1, warmup_epochs=1).train, steps_per_epoch=10)
+    assert float(single(0)) == pytest.approx(FAST["learning_rate"]) and float(single(10)) == pytest.approx(0)
+
+    _, state = train_fresh(small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=1e-5),
+                           small_data, tmp_path / "c.npz")
+    logged = [row["learning_rate"] for row in state.history]
+    assert logged[0] == pytest.approx(FAST["learning_rate"])  # the end of the warm-up: the peak
+    assert logged[2] == pytest.approx(1e-5)  # the last step: the floor
+    assert logged[0] > logged[1] > logged[2]
+
+
+def test_a_run_resumed_mid_schedule_ends_where_an_uninterrupted_one_does(small_data, tmp_path):
+    params = small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=0)
+    whole, whole_state = train_fresh(params, small_data, tmp_path / "whole.npz")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_epoch_1(epoch, metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    broken = Trainer(params, small_data)
+    with pytest.raises(Interrupted):
+        broken.fit(start(broken, tmp_path / "resumed.npz"), broken.checkpoint(tmp_path / "resumed.npz"),
+                   on_epoch=stop_after_epoch_1)
+    resumed = Trainer(params, small_data)
+    state = resumed.fit(start(resumed, tmp_path / "resumed.npz"), resumed.checkpoint(tmp_path / "resumed.npz"))
+    assert timeless(state.history) == timeless(whole_state.history)
+    assert [row["epoch"] for row in state.history] == [1, 2, 3]
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path, monkeypatch):
+    from cvae_pipeline.training import checkpoints
+
+    next_epoch_started = threading.Event()
+    original_train_epoch, original_save = Trainer.train_epoch, checkpoints.save
+
+    def train_epoch(self, epoch, batches=None):
+        if epoch == 2:
+            next_epoch_started.set()
+        return original_train_epoch(self, epoch, batches)
+
+    def save(path, key, state, variables):
+        if state.epoch == 1:  # a slow disk: epoch 1's write finishes only once epoch 2 is training
+            assert next_epoch_started.wait(60), "training waited for the checkpoint"
+        original_save(path, key, state, variables)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(checkpoints, "save", save)
+    # No average of the weights: the model keeps the weights the checkpoint holds.
+    trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0), small_data, tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as saved:  # fit returns once the last epoch's checkpoint is on disk
+        assert int(saved["epoch"]) == 2
+        np.testing.assert_array_equal(saved["model_000"], trainer.model.get_weights()[0])
+    elapsed = [row["elapsed_seconds"] for row in state.history]
+    assert 0 < elapsed[0] < elapsed[1]
+
+
+def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, monkeypatch):
+    from cvae_pipeline.training import checkpoints
+
+    def save(path, key, state, variables):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save", save)
+    with pytest.raises(OSError, match="No space left"):
+        train_fresh(small_params(epochs=3), small_data, tmp_path / "c.npz")
+
+
+# --- issue 16: the moving average of the weights -------------------------------------------------
+
+def test_the_average_of_the_weights_warms_up_its_momentum_then_keeps_ema_momentum():
+    from cvae_pipeline.model.optimization import make_optimizer
+
+    weight = keras.Variable(np.zeros(3, np.float32))
+    optimizer = make_optimizer(small_params(ema_momentum=0.8, learning_rate=0.5).train, "float32", 10)
+    optimizer.build([weight])
+    expected = None
+    for step in range(30):
+        optimizer.apply([tf.constant([1.0, -2.0, 0.5])], [weight])
+        # TensorFlow's ExponentialMovingAverage(num_updates=step): the first step's weights start it.
+        momentum = 0.0 if step == 0 else min(0.8, (1 + step) / (10 + step))
+        expected = weight.numpy() if expected is None else momentum * expected + (1 - momentum) * weight.numpy()
+        np.testing.assert_allclose(optimizer._model_variables_moving_average[0].numpy(), expected, rtol=1e-5)
+    assert not np.allclose(expected, weight.numpy())  # an average of the path, not its end
+    assert not make_optimizer(small_params(ema_momentum=0).train, "float32", 10).use_ema
+
+
+def float32_elbo(trainer, weights) -> float:
+    """The test ELBO of `weights` in a float32 model, as the scorer computes it."""
+    model = build_cvae(trainer.params.model, "float32")
+    model.set_weights(weights)
+    reconstruction, kl = elbo_terms(model, tf.constant(trainer.scorer.images.astype(np.float32)),
+                                    trainer.scorer.noise)
+    return -float(tf.reduce_mean(reconstruction + kl))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights(small_data, tmp_path, precision):
+    try:
+        trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0.9, precision=precision), small_data,
+                                     tmp_path / "c.npz")
+        with np.load(tmp_path / "c.npz") as saved:  # the checkpoint keeps the weights themselves, to resume from
+            weights = [saved[f"model_{i:03d}"] for i in range(len(trainer.model.weights))]
+        model = [w.astype(np.float32) for w in trainer.model.get_weights()]
+        assert not all(np.allclose(a, b) for a, b in zip(weights, model, strict=True))
+        scored = state.history[-1]["test_elbo"]
+        assert float32_elbo(trainer, model) == pytest.approx(scored, abs=1e-3)  # the model is what was scored
+        assert abs(float32_elbo(trainer, weights) - scored) > 1e-2
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_the_fused_adam_step_is_keras_adam(steps):
+    from cvae_pipeline.model.optimization import make_optimizer
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(0, 1, (4, 3)).astype(np.float32)
+    ours, theirs = keras.Variable(start), keras.Variable(start)
+    fused = make_optimizer(small_params(ema_momentum=0, learning_rate=0.1).train, "float32", 10)
+    keras_adam = keras.optimizers.Adam(0.1)
+    for optimizer, weight in ((fused, ours), (keras_adam, theirs)):
+        optimizer.build([weight])
+    for _ in range(steps):  # gradients of changing sign and scale: the moments and their bias corrections show
+        gradient = tf.constant(rng.normal(0, 3, (4, 3)).astype(np.float32))
+        fused.apply([gradient], [ours])
+        keras_adam.apply([gradient], [theirs])
+    # To float32 rounding: Keras computes the moments as m + (g - m) * (1 - beta), the kernel as beta * m + ...
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused._velocities[0].numpy(), keras_adam._velocities[0].numpy(), rtol=1e-4)
+    assert not np.allclose(ours.numpy(), start)
+
+    # The step is TensorFlow's fused kernel: Keras' own composition of small operations would match the above too.
+    def step(gradient):
+        fused.apply([gradient], [ours])
+
+    traced = tf.function(step).get_concrete_function(tf.TensorSpec((4, 3), tf.float32)).graph
+    assert "ResourceApplyAdam" in {operation.type for operation in traced.get_operations()}
