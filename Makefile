@@ -56,7 +56,7 @@ MANIFOLD ?= 0
 venv: $(STAMP)
 
 # --locked: a uv.lock that no longer matches pyproject.toml is an error (run `make lock`), never silently re-resolved.
-# --compile-bytecode: every stage then imports TensorFlow in half the time (5 s instead of 10 s here), also where
+# --compile-bytecode: every stage then imports TensorFlow about twice as fast (docs/setup.md), also where
 # PYTHONDONTWRITEBYTECODE keeps Python from caching what it compiles.
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	$(CHECK_PYTHON)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from cvae_pipeline import model as _registers_cvae  # noqa: F401  (load_model needs the CVAE class)
+from cvae_pipeline.model import network as _registers_cvae  # noqa: F401  (load_model needs the CVAE class)
 
 LOG_2PI = math.log(2.0 * math.pi)
 

@@ -123,13 +123,12 @@ def reference_stage(config: dict) -> dict:
 
 def iwae(config: dict) -> dict:
     """The evaluate stage's scoring (ELBO and IWAE with `k`) of the test set, by an untrained model."""
-    from cvae_pipeline.config import EvaluateParams
     from cvae_pipeline.data import load_prepared
     from cvae_pipeline.evaluation.stage import Evaluator
     from cvae_pipeline.model.network import build_cvae
 
     params = params_with()
-    cfg = EvaluateParams(**{**params.evaluate.__dict__, "iwae_k": config.get("k", params.evaluate.iwae_k)})
+    cfg = params.evaluate.model_copy(update={"iwae_k": config.get("k", params.evaluate.iwae_k)})
     images = load_prepared(PREPARED).test.images[: config.get("images")]
     started = time.perf_counter()
     Evaluator(build_cvae(params.model, "float32"), cfg, params.seed).evaluate(images)
@@ -140,15 +139,15 @@ def mlflow() -> dict:
     """Per-epoch metric logging and the one-time logging of a run, into a fresh SQLite store."""
     import numpy as np
 
-    from cvae_pipeline import tracking
     from cvae_pipeline.model.network import build_cvae
+    from cvae_pipeline.tracking.session import Session
 
     with tempfile.TemporaryDirectory() as folder:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         params = params_with()
         started = time.perf_counter()
-        session = tracking.Session(params.tracking)
-        with session.open_run():
+        session = Session(params.tracking)
+        with session.open_run() as run:
             session.log_params(params)
             setup = time.perf_counter() - started
             epoch_costs = []
@@ -163,7 +162,7 @@ def mlflow() -> dict:
             began = time.perf_counter()
             from cvae_pipeline.training.stage import log_model
 
-            log_model(model_file, np.zeros((2, 28, 28, 1), np.float32))
+            log_model(session.client, run.info.run_id, model_file, np.zeros((2, 28, 28, 1), np.float32))
             model_seconds = time.perf_counter() - began
     return {"setup_seconds": setup, "per_epoch_seconds": statistics.median(epoch_costs),
             "model_seconds": model_seconds}
@@ -201,10 +200,10 @@ def machine() -> dict:
     """The devices, and what `auto` makes of them (as the train stage decides it)."""
     from importlib.metadata import version
 
-    from cvae_pipeline import devices
+    from cvae_pipeline.training import hardware
 
-    found = devices.detect()
-    precision = devices.choose_precision("auto", found)
+    found = hardware.detect()
+    precision = hardware.choose_precision("auto", found)
     return {"device": found.describe(), "cpu": found.cpu_model, "cpu_flags": found.shown_cpu_flags,
             "gpus": [gpu.name for gpu in found.gpus], "cores": os.cpu_count(), "python": platform.python_version(),
             "tensorflow": version("tensorflow"), "auto_precision": precision.value,

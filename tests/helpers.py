@@ -115,6 +115,22 @@ def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     return (templates[labels] ^ flips).astype(np.uint8), labels
 
 
+def make_trainer(params, data, machine=None):
+    """A `Trainer` of `params` on `data`, after the process-wide setup the train stage does first (for `machine`:
+    by default, this one)."""
+    from cvae_pipeline.training.loop import Trainer
+    from cvae_pipeline.training.process import set_up
+
+    return Trainer(params, data, set_up(params, machine))
+
+
+def model_params(latent_dim: int, encoder_filters=(32, 64), decoder_filters=(64, 32)):
+    """A model section: the tutorial's filters by default."""
+    from cvae_pipeline.config import ModelParams
+
+    return ModelParams(latent_dim=latent_dim, encoder_filters=encoder_filters, decoder_filters=decoder_filters)
+
+
 def params_with(**sections):
     """The shipped params.yaml with some keys replaced, e.g. params_with(train={"epochs": 2})."""
     from cvae_pipeline.config import parse_params

@@ -1,19 +1,17 @@
-"""Typed, validated view of params.yaml: one frozen dataclass per section, loaded once and passed down.
+"""Typed, validated view of params.yaml: one frozen pydantic model per section, loaded once and passed down.
 
-Every field carries a `Rule` (what values are allowed, said in words). `load_params` checks the whole file
-before any stage does work, and reports the first problem as one line that names the key path:
-`params.yaml: train.batch_size must be a positive integer, got -3`.
+Each field says in its description what values it allows, in words. `load_params` checks the whole file before any
+stage does work and reports the first problem as one line that names the key path:
+`params.yaml: train.batch_size must be a positive integer, got -3`. Validation is pydantic's, in strict mode (no
+`"3"` for 3, no `true` for 1); the one-line message is made here from its first error.
 """
 
-import dataclasses
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from cvae_pipeline.errors import ParamsError
 
@@ -25,101 +23,60 @@ SCHEDULES = ("constant", "cosine")
 # Not a param: the tutorial's published test ELBO (2020 edition, 100 epochs), the quality a recipe is timed to reach.
 TUTORIAL_ELBO = -78.3
 
-
-@dataclass(frozen=True)
-class Rule:
-    """A check on one value, the words that describe what it allows, and a conversion to the stored type."""
-
-    allowed: str
-    check: Callable[[Any], bool]
-    convert: Callable[[Any], Any] = lambda value: value
+POSITIVE_INTEGER = "a positive integer"
+POSITIVE_NUMBER = "a positive finite number"
+NUMBER_FROM_ZERO = "a finite number >= 0"
+BOOLEAN = "true or false"
+NAME = "a non-empty string"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def one_of(options: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(repr(option) for option in options)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float)) and not isinstance(value, bool)
+def allows(description: str, **constraints: Any) -> Any:
+    """A field allowing what `description` says (the words of its error message), checked by `constraints`."""
+    return Field(description=description, **constraints)
 
 
-def integer(minimum: int = 0, optional: bool = False) -> Rule:
-    allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    if optional:
-        return Rule(f"{allowed} or null", lambda v: v is None or (_is_int(v) and v >= minimum))
-    return Rule(allowed, lambda v: _is_int(v) and v >= minimum)
+PositiveInteger = Annotated[int, Strict(), Field(gt=0)]
+Filters = tuple[PositiveInteger, PositiveInteger]  # YAML gives a list: the field itself takes one (strict=False)
 
 
-def number(low: float, high: float = math.inf, *, low_inclusive: bool = False) -> Rule:
-    """A finite number in (low, high) or [low, high); integers are accepted and stored as floats."""
-    if high == math.inf:
-        allowed = "a positive finite number" if (low, low_inclusive) == (0, False) else f"a finite number >= {low:g}"
-    else:
-        allowed = f"a number in {'[' if low_inclusive else '('}{low:g}, {high:g})"
+class Section(BaseModel):
+    """A section of params.yaml: every key required, none unknown, values of exactly the allowed types, frozen."""
 
-    def check(value: Any) -> bool:
-        if not _is_number(value) or not math.isfinite(value):
-            return False
-        return (value >= low if low_inclusive else value > low) and value < high
-
-    return Rule(allowed, check, float)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-def choice(*options: str) -> Rule:
-    return Rule("one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+class DataParams(Section):
+    threshold: float = allows("a number in (0, 1)", gt=0, lt=1)
+    train_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
+    test_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
 
 
-def integer_list(length: int) -> Rule:
-    return Rule(
-        f"a list of {length} positive integers",
-        lambda v: isinstance(v, list) and len(v) == length and all(_is_int(x) and x > 0 for x in v),
-        tuple,
-    )
+class ModelParams(Section):
+    latent_dim: int = allows(POSITIVE_INTEGER, gt=0)
+    encoder_filters: Filters = allows("a list of 2 positive integers", strict=False)
+    decoder_filters: Filters = allows("a list of 2 positive integers", strict=False)
 
 
-BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
-BOOLEAN_OR_AUTO = Rule("true, false or auto", lambda v: isinstance(v, bool) or v == "auto")
-NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
-OPTIONAL_NAME = Rule("a non-empty string or null", lambda v: v is None or NAME.check(v))
-SEED = integer(0)
-
-
-def param(rule: Rule) -> Any:
-    return field(metadata={"rule": rule})
-
-
-@dataclass(frozen=True)
-class DataParams:
-    threshold: float = param(number(0.0, 1.0))
-    train_limit: int | None = param(integer(1, optional=True))
-    test_limit: int | None = param(integer(1, optional=True))
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    latent_dim: int = param(integer(1))
-    encoder_filters: tuple[int, int] = param(integer_list(2))
-    decoder_filters: tuple[int, int] = param(integer_list(2))
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = param(integer(1))
-    batch_size: int = param(integer(1))
-    learning_rate: float = param(number(0.0))
-    schedule: str = param(choice(*SCHEDULES))
-    warmup_epochs: int = param(integer(0))
-    final_learning_rate: float = param(number(0.0, low_inclusive=True))
-    ema_momentum: float = param(number(0.0, 1.0, low_inclusive=True))
-    kl: str = param(choice(*KL_MODES))
-    beta: float = param(number(0.0, low_inclusive=True))
-    precision: str = param(choice(*PRECISIONS))
-    jit_compile: bool | str = param(BOOLEAN_OR_AUTO)
-    deterministic: bool = param(BOOLEAN)
-    steps_per_call: int = param(integer(1))
-    strategy: str = param(choice(*STRATEGIES))
-    eval_limit: int | None = param(integer(1, optional=True))
-
+class TrainParams(Section):
+    epochs: int = allows(POSITIVE_INTEGER, gt=0)
+    batch_size: int = allows(POSITIVE_INTEGER, gt=0)
+    learning_rate: float = allows(POSITIVE_NUMBER, gt=0, allow_inf_nan=False)
+    schedule: Literal[SCHEDULES] = allows(one_of(SCHEDULES))
+    warmup_epochs: int = allows("an integer >= 0", ge=0)
+    final_learning_rate: float = allows(NUMBER_FROM_ZERO, ge=0, allow_inf_nan=False)
+    ema_momentum: float = allows("a number in [0, 1)", ge=0, lt=1)
+    kl: Literal[KL_MODES] = allows(one_of(KL_MODES))
+    beta: float = allows(NUMBER_FROM_ZERO, ge=0, allow_inf_nan=False)
+    precision: Literal[PRECISIONS] = allows(one_of(PRECISIONS))
+    jit_compile: bool | Literal["auto"] = allows("true, false or auto")
+    deterministic: bool = allows(BOOLEAN)
+    steps_per_call: int = allows(POSITIVE_INTEGER, gt=0)
+    strategy: Literal[STRATEGIES] = allows(one_of(STRATEGIES))
+    eval_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
 
     def check(self, where: str) -> None:
         """What no single key's rule can see: the schedule's floor against its peak."""
@@ -128,43 +85,38 @@ class TrainParams:
                               f"({self.learning_rate:g}), got {self.final_learning_rate:g}")
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    samples: int = param(integer(1))
-    iwae_k: int = param(integer(1))
-    decode_batch: int = param(integer(1))
+class EvaluateParams(Section):
+    samples: int = allows(POSITIVE_INTEGER, gt=0)
+    iwae_k: int = allows(POSITIVE_INTEGER, gt=0)
+    decode_batch: int = allows(POSITIVE_INTEGER, gt=0)
 
 
-@dataclass(frozen=True)
-class VisualizeParams:
-    examples: int = param(integer(1))
-    prior_grid: int = param(integer(1))
-    manifold_size: int = param(integer(2))
-    frame_milliseconds: int = param(integer(1))
+class VisualizeParams(Section):
+    examples: int = allows(POSITIVE_INTEGER, gt=0)
+    prior_grid: int = allows(POSITIVE_INTEGER, gt=0)
+    manifold_size: int = allows("an integer >= 2", ge=2)
+    frame_milliseconds: int = allows(POSITIVE_INTEGER, gt=0)
 
 
-@dataclass(frozen=True)
-class TrackingParams:
-    experiment: str = param(NAME)
-    sweep: str | None = param(OPTIONAL_NAME)
-    required: bool = param(BOOLEAN)
+class TrackingParams(Section):
+    experiment: str = allows(NAME, pattern=r"\S")
+    sweep: Annotated[str, Field(pattern=r"\S")] | None = allows(f"{NAME} or null")
+    required: bool = allows(BOOLEAN)
 
 
-@dataclass(frozen=True)
-class RegistryParams:
-    model_name: str = param(NAME)
+class RegistryParams(Section):
+    model_name: str = allows(NAME, pattern=r"\S")
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = param(SEED)
-    data: DataParams = field(metadata={"rule": None})
-    model: ModelParams = field(metadata={"rule": None})
-    train: TrainParams = field(metadata={"rule": None})
-    evaluate: EvaluateParams = field(metadata={"rule": None})
-    visualize: VisualizeParams = field(metadata={"rule": None})
-    tracking: TrackingParams = field(metadata={"rule": None})
-    registry: RegistryParams = field(metadata={"rule": None})
+class Params(Section):
+    seed: int = allows("an integer >= 0", ge=0)
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    visualize: VisualizeParams
+    tracking: TrackingParams
+    registry: RegistryParams
 
 
 class _Loader(yaml.SafeLoader):
@@ -200,32 +152,39 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    section = prefix.rstrip(".") or "the file"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: {section} must be a mapping with keys {', '.join(names)}, got {_show(raw)}")
-    unknown = sorted(set(raw) - set(names), key=str)
-    if unknown:
-        raise ParamsError(f"{where}: unknown key {prefix}{unknown[0]} (allowed in {section}: {', '.join(names)})")
-    values = {}
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        rule: Rule | None = f.metadata["rule"]
-        nested = dataclasses.is_dataclass(f.type)
-        if f.name not in raw:
-            if nested:
-                what = "a section with keys " + ", ".join(x.name for x in dataclasses.fields(f.type))
-            else:
-                what = rule.allowed
-            raise ParamsError(f"{where}: missing key {key} ({what})")
-        if nested:
-            values[f.name] = _build(f.type, raw[f.name], where, key + ".")
-        elif not rule.check(raw[f.name]):
-            raise ParamsError(f"{where}: {key} must be {rule.allowed}, got {_show(raw[f.name])}")
-        else:
-            values[f.name] = rule.convert(raw[f.name])
-    return cls(**values)
+def _section(cls: type[Section]) -> str:
+    return "a section with keys " + ", ".join(cls.model_fields)
+
+
+def _problem(error: dict, raw: Any) -> str:
+    """pydantic's first error as what the user must change: the key path, what it allows, and what it holds."""
+    cls, value, path = Params, raw, []
+    for part in error["loc"]:  # down the sections to the key; deeper parts (a list's items) belong to the key
+        if not isinstance(part, str):
+            break
+        field = cls.model_fields.get(part)
+        path.append(part)
+        value = value.get(part) if isinstance(value, dict) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):
+            cls = field
+            break
+        cls = field.annotation
+    key = ".".join(path)
+    if error["type"] == "extra_forbidden":
+        parent = ".".join(path[:-1])
+        owner = Params if not parent else _owner(parent)
+        return f"unknown key {key} (allowed in {parent or 'the file'}: {', '.join(owner.model_fields)})"
+    if isinstance(cls, type):  # a whole section: missing, or not a mapping
+        if error["type"] == "missing":
+            return f"missing key {key} ({_section(cls)})"
+        return f"{key or 'the file'} must be a mapping with keys {', '.join(cls.model_fields)}, got {_show(value)}"
+    if error["type"] == "missing" and len(error["loc"]) == len(path):
+        return f"missing key {key} ({cls.description})"
+    return f"{key} must be {cls.description}, got {_show(value)}"
+
+
+def _owner(section: str) -> type[Section]:
+    return Params.model_fields[section].annotation
 
 
 def parse_params(text: str, where: str = DEFAULT_PARAMS_FILE) -> Params:
@@ -238,9 +197,11 @@ def parse_params(text: str, where: str = DEFAULT_PARAMS_FILE) -> Params:
         problem = getattr(error, "problem", None) or str(error)
         raise ParamsError(f"{where}: YAML syntax error{at}: {problem}") from None
     if raw is None:
-        sections = ", ".join(f.name for f in dataclasses.fields(Params))
-        raise ParamsError(f"{where}: the file is empty; expected the keys {sections}")
-    params = _build(Params, raw, where, "")
+        raise ParamsError(f"{where}: the file is empty; expected the keys {', '.join(Params.model_fields)}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{where}: {_problem(error.errors()[0], raw)}") from None
     params.train.check(where)
     return params
 

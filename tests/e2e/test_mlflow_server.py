@@ -8,9 +8,17 @@ import mlflow
 import numpy as np
 import pytest
 
-from cvae_pipeline.config import ModelParams
 from cvae_pipeline.model.loading import load_trained, reconstruct
-from helpers import REPO, free_port, make_repo_copy, predict_in_fresh_process, run, setup_copy, subprocess_env
+from helpers import (
+    REPO,
+    free_port,
+    make_repo_copy,
+    model_params,
+    predict_in_fresh_process,
+    run,
+    setup_copy,
+    subprocess_env,
+)
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -67,5 +75,5 @@ def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp
     images = np.random.default_rng(0).integers(0, 2, (2, 28, 28, 1)).astype(np.float32)
     predicted = predict_in_fresh_process(server["uri"], logged.model_uri, images, tmp_path)
     # In float32, whatever dtype policy an earlier test left set in this process.
-    model = load_trained(repo / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
+    model = load_trained(repo / "models/cvae.keras", model_params(2))
     np.testing.assert_allclose(predicted, reconstruct(model, images), rtol=1e-4, atol=1e-6)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import yaml
 
-from cvae_pipeline.config import ModelParams
 from cvae_pipeline.data import load_prepared
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import (
@@ -27,6 +26,7 @@ from helpers import (
     NO_PICKLE,
     free_port,
     make_repo_copy,
+    model_params,
     predict_in_fresh_process,
     run,
     runs_in,
@@ -145,7 +145,7 @@ def champion_model(trained):
     mlflow.set_tracking_uri(trained["store"])
     folder = mlflow.artifacts.download_artifacts("models:/cvae-mnist@champion")
     (keras_file,) = list(Path(folder).rglob("*.keras"))
-    return load_trained(keras_file, ModelParams(2, (32, 64), (64, 32)))
+    return load_trained(keras_file, model_params(2))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other format"])

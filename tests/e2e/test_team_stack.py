@@ -11,12 +11,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from cvae_pipeline.config import ModelParams
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import (
     REPO,
     commit_all,
     make_repo_copy,
+    model_params,
     predict_in_fresh_process,
     queue_states,
     run,
@@ -139,7 +139,7 @@ def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
     (logged,) = _logged_models(uri, experiment)
     images = np.random.default_rng(0).integers(0, 2, (2, 28, 28, 1)).astype(np.float32)
     served = predict_in_fresh_process(uri, logged.model_uri, images, tmp_path)
-    pulled = load_trained(clone / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
+    pulled = load_trained(clone / "models/cvae.keras", model_params(2))
     np.testing.assert_allclose(served, reconstruct(pulled, images), rtol=1e-4, atol=1e-6)
 
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from cvae_pipeline.config import ModelParams
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from cvae_pipeline.model.network import CVAE
 from helpers import (
     TINY,
     kill_training_once_checkpointed,
+    model_params,
     predict_in_fresh_process,
     run,
     runs_in,
@@ -67,7 +67,7 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     images = np.random.default_rng(0).integers(0, 2, (3, 28, 28, 1)).astype(np.float32)
     predicted = predict_in_fresh_process(f"sqlite:///{repo_copy / 'mlflow.db'}", logged[0].model_uri, images, tmp_path)
     # In float32, whatever dtype policy an earlier test left set in this process.
-    reference = load_trained(repo_copy / "models/cvae.keras", ModelParams(2, (32, 64), (64, 32)))
+    reference = load_trained(repo_copy / "models/cvae.keras", model_params(2))
     np.testing.assert_allclose(predicted, reconstruct(reference, images), rtol=1e-4, atol=1e-6)
 
     again = run(["dvc", "repro", "train"], repo_copy, **env)

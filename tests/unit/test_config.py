@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from cvae_pipeline.config import ModelParams, Params, load_params, parse_params
 from cvae_pipeline.errors import ParamsError
@@ -33,8 +34,8 @@ def test_shipped_params_load_as_typed_frozen_objects():
     assert isinstance(params.model, ModelParams)
     assert params.model.encoder_filters == (32, 64)
     assert isinstance(params.train.learning_rate, float)
-    with pytest.raises(AttributeError):
-        params.train.epochs = 3  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        params.train.epochs = 3
 
 
 def test_tutorial_2020_configuration_is_reachable_by_params_alone():

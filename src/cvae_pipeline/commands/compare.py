@@ -7,7 +7,6 @@ param that varies, one line per value of the second if there is one).
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import dvc.api
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cvae_pipeline.config import Params
+from cvae_pipeline.config import Params, Section
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import atomic_path
 
@@ -23,14 +22,14 @@ HEADLINE = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_a
             "seconds_to_quality", "train_seconds"]
 
 
-def param_keys(cls: type = Params, prefix: str = "") -> list[str]:
+def param_keys(cls: type[Section] = Params, prefix: str = "") -> list[str]:
     """Every key of params.yaml by its path (`train.batch_size`), in file order."""
     keys = []
-    for field in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(field.type):
-            keys += param_keys(field.type, f"{prefix}{field.name}.")
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            keys += param_keys(field.annotation, f"{prefix}{name}.")
         else:
-            keys.append(prefix + field.name)
+            keys.append(prefix + name)
     return keys
 
 

@@ -18,7 +18,9 @@ def main() -> None:
     parser.add_argument("--sweep", help="only the runs of this sweep (tag sweep), e.g. the S of a make sweep")
     args = parser.parse_args()
     params = load_params(args.params)
-    print(promote(Session(params.tracking), params.registry.model_name, args.sweep))
+    # Promoting needs the store whatever tracking.required says: a failure of it stops here in one line.
+    session = Session(params.tracking.model_copy(update={"required": True}))
+    print(promote(session, params.registry.model_name, args.sweep))
 
 
 if __name__ == "__main__":

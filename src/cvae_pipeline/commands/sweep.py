@@ -1,10 +1,9 @@
 """`make sweep`'s run of the queue: `dvc exp run --run-all` with its output in a log file, shown as it grows.
 
 DVC starts its queue workers as daemons that inherit the command's output. Through a pipe (`| tee log`), a sweep lasts
-as long as the last worker lives, and a worker that DVC fails to stop holds it forever: seen here once, in a full
-suite's third sweep on 2 cores, after every experiment had finished, a worker's monitor judged the queue empty while
-its task still ran and the shutdown it sent never arrived. A file has no reader to wait for: the output is followed
-until DVC's own process exits, which it does once every experiment's result is collected.
+as long as the last worker lives, and a worker that DVC fails to stop (its monitor can judge the queue empty while its
+task still runs, and the shutdown it sends never arrives) holds it forever. A file has no reader to wait for: the
+output is followed until DVC's own process exits, which it does once every experiment's result is collected.
 """
 
 import argparse

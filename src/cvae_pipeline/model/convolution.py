@@ -15,7 +15,8 @@ def one_channel_conv_transpose(inputs, kernel):
     channels) (Keras' layout): (batch, rows, columns, channels) -> (batch, rows, columns, 1).
 
     Forward: a stride-1 transposed convolution is the convolution with the kernel flipped in space; to one channel,
-    that is a depthwise convolution (one filter per input channel) summed over the channels: 2.5x as fast.
+    that is a depthwise convolution (one filter per input channel) summed over the channels, which TensorFlow's CPU
+    kernels compute far faster (docs/performance.md).
     Backward: the gradients TensorFlow registers for the transposed convolution itself (`Conv2DBackpropInput`)."""
     per_channel = tf.nn.depthwise_conv2d(inputs, tf.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), [1, 1, 1, 1], "SAME")
     outputs = tf.reduce_sum(per_channel, axis=-1, keepdims=True)

@@ -28,7 +28,8 @@ def load_model_file(path: str | Path, error: type[Exception] = UserInputError,
     if not isinstance(saved, CVAE):
         raise error(f"{path}: a {type(saved).__name__}, not the CVAE that train writes; "
                     f"{remedy or 'run `dvc repro train`'}")
-    model = build_cvae(ModelParams(saved.latent_dim, saved.encoder_filters, saved.decoder_filters), "float32")
+    model = build_cvae(ModelParams(latent_dim=saved.latent_dim, encoder_filters=saved.encoder_filters,
+                                    decoder_filters=saved.decoder_filters), "float32")
     model.set_weights(saved.get_weights())
     return model
 

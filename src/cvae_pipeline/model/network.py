@@ -12,7 +12,7 @@ IMAGE_SHAPE = (28, 28, 1)
 class OneChannelConv2DTranspose(layers.Conv2DTranspose):
     """Conv2DTranspose to one channel at stride 1 with "same" padding (the decoder's last layer): the same weights,
     outputs (to float rounding) and gradients, with the forward pass computed as TensorFlow's CPU kernels do it fast
-    (`convolution.one_channel_conv_transpose`): a float32 training step ran 1.09x as fast. On another Keras backend
+    (`convolution.one_channel_conv_transpose`; docs/performance.md). On another Keras backend
     (JAX, which `benchmarks/iwae_jax.py` loads the model on), Keras' own Conv2DTranspose."""
 
     def __init__(self, filters=1, kernel_size=3, **kwargs):

@@ -27,12 +27,11 @@ def learning_rate(cfg: TrainParams, steps_per_epoch: int) -> float | keras.optim
 class AveragingAdam(keras.optimizers.Adam):
     """Adam keeping Keras' moving average of the weights (`use_ema`), whose momentum warms up as TensorFlow's
     `ExponentialMovingAverage(num_updates=...)` does: min(ema_momentum, (1 + t) / (10 + t)) at step t.
-    Keras' own average weighs the initial weights by ema_momentum ** t, which at 0.995 still leaves them 5% of the
+    Keras' own average weighs the initial weights by ema_momentum ** t, which at 0.995 still leaves them a share of the
     average after 600 steps: a quick run of an epoch or two would be scored and saved mostly untrained.
 
     Each variable's step is TensorFlow's fused Adam kernel, the same update as Keras' to float rounding: Keras
-    composes it of a dozen small operations per variable, which cost 1 ms a step (4% of a float32 step on 2 CPU
-    cores); the kernel, 0.5 ms."""
+    composes it of a dozen small operations per variable, which take twice as long on the CPU (docs/performance.md)."""
 
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad:  # a third moment the kernel does not keep
@@ -58,10 +57,11 @@ def make_optimizer(cfg: TrainParams, precision: str, steps_per_epoch: int) -> ke
     """Adam with the configured schedule, keeping the moving average of the weights when `cfg.ema_momentum` > 0
     (among the optimizer's variables: the checkpoint holds it); with loss scaling under float16, whose small
     gradients underflow."""
+    # Named, not numbered by Keras (adam_1, ...): its variables are saved and restored by these names.
     optimizer = AveragingAdam(learning_rate(cfg, steps_per_epoch), use_ema=cfg.ema_momentum > 0,
-                              ema_momentum=cfg.ema_momentum)
+                              ema_momentum=cfg.ema_momentum, name="adam")
     if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale")
     return optimizer
 
 

@@ -3,13 +3,11 @@ its path, its params, the commit), linked to the logged model it trained or test
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 from cvae_pipeline.config import DataParams
 from cvae_pipeline.tracking import runs
 from cvae_pipeline.tracking.session import Session
-from cvae_pipeline.tracking.store import store_lock
 
 DATASET_NAME = "mnist_binarized"
 CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
@@ -27,13 +25,10 @@ def file_md5(path: Path) -> str:
 def prepared_dataset(path: Path, split: str):
     """One split of the prepared data as an MLflow dataset (metadata only: the data itself is DVC's to store), named
     `mnist_binarized/<split>`, its digest that of the whole file."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
 
-    with warnings.catch_warnings():  # every artifact-store scheme claims local paths: MLflow warns, then picks one
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(path.as_posix())
-    return MetaDataset(source, name=f"{DATASET_NAME}/{split}", digest=file_md5(path))
+    return Dataset(name=f"{DATASET_NAME}/{split}", digest=file_md5(path), source_type="local",
+                   source=json.dumps({"uri": path.as_posix()}))
 
 
 def dataset_key(path: Path, split: str) -> tuple[str, str]:
@@ -41,22 +36,11 @@ def dataset_key(path: Path, split: str) -> tuple[str, str]:
     return f"{DATASET_NAME}/{split}", file_md5(path)
 
 
-def log_dataset(session: Session, path: Path, cfg: DataParams, split: str,
-                model_id: str | None = None) -> None:
+def log_dataset(session: Session, path: Path, cfg: DataParams, split: str, model_id: str | None = None) -> None:
     """Record a split (train, test) of the prepared data at `path` as an input of the session's run (with the
     logged model `model_id` that it was used on)."""
     commit = runs.git_commit()
-    tags = {"dvc_path": path.as_posix(), "dvc_md5": file_md5(path), "data.threshold": json.dumps(cfg.threshold),
-            "data.train_limit": json.dumps(cfg.train_limit), "data.test_limit": json.dumps(cfg.test_limit),
-            **({"git_commit": commit} if commit else {})}
-
-    def log(mlflow) -> None:
-        from mlflow.entities import LoggedModelInput
-
-        # MLflow creates a dataset the store has not seen; two sweep workers logging it at once race on a SQLite
-        # store (UNIQUE constraint failed: datasets...), so the same lock as the store's first use serializes it.
-        with store_lock(session.uri):
-            mlflow.log_input(prepared_dataset(path, split), context=CONTEXTS[split], tags=tags,
-                             model=LoggedModelInput(model_id) if model_id else None)
-
-    session.log_with(log)
+    tags = {"mlflow.data.context": CONTEXTS[split], "dvc_path": path.as_posix(), "dvc_md5": file_md5(path),
+            "data.threshold": json.dumps(cfg.threshold), "data.train_limit": json.dumps(cfg.train_limit),
+            "data.test_limit": json.dumps(cfg.test_limit), **({"git_commit": commit} if commit else {})}
+    session.log_input(prepared_dataset(path, split), tags, model_id)

@@ -44,20 +44,24 @@ class ReconstructionModel(mlflow.pyfunc.PythonModel):
         return reconstruct(self.model, images)
 
 
-def log_model(model_file: Path, example: np.ndarray) -> None:
-    """Log `model_file` (the trained `.keras` file) to the active run as the pyfunc model `model`, with its
-    signature, an input example and pinned requirements."""
-    from mlflow.models import infer_signature
+def log_model(client, run_id: str, model_file: Path, example: np.ndarray) -> None:
+    """Log `model_file` (the trained `.keras` file) as the pyfunc model `model` of the run `run_id`, in the run's
+    experiment, with the run's params, its signature, an input example and pinned requirements: what
+    `mlflow.pyfunc.log_model` does for the active run, here for a run named by id. `client`: an `MlflowClient` of the
+    process's tracking store, which MLflow's `Model.log` writes to."""
+    from mlflow.models import Model, infer_signature
 
-    from cvae_pipeline.tracking import (
-        logged_model_code,  # the file MLflow runs to rebuild the model: logged by path, not pickled
-    )
+    # The file MLflow runs to rebuild the model: logged by path, not pickled.
+    from cvae_pipeline.tracking import logged_model_code
 
     with_model = ReconstructionModel()
     with_model.model = load_model_file(model_file)
     signature = infer_signature(example, with_model.predict(None, example))
-    mlflow.pyfunc.log_model(
-        name="model", python_model=logged_model_code.__file__, artifacts={ARTIFACT: str(model_file)},
-        code_paths=[str(PACKAGE)], signature=signature, input_example=example,
-        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
-        model_config={FORMAT_KEY: FORMAT})
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       params=run.data.params)
+    Model.log(
+        artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+        python_model=logged_model_code.__file__, artifacts={ARTIFACT: str(model_file)}, code_paths=[str(PACKAGE)],
+        signature=signature, input_example=example, model_config={FORMAT_KEY: FORMAT},
+        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS])

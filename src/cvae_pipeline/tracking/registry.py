@@ -41,10 +41,6 @@ def candidates(session: Session, sweep: str | None) -> list[Candidate]:
 
 def promote(session: Session, model_name: str, sweep: str | None = None) -> str:
     """Register the best candidate's model as `model_name`@champion; returns what was done, in one line."""
-    import mlflow
-
-    session.connect()
-    mlflow.set_tracking_uri(session.uri)
     ranked = candidates(session, sweep)
     scope = f"experiment {session.cfg.experiment}" + (f", sweep {sweep}" if sweep else "")
     if not ranked:
@@ -53,16 +49,38 @@ def promote(session: Session, model_name: str, sweep: str | None = None) -> str:
     best = ranked[0]
     why = (f"{SCORE} {best.score:.2f}, the best of {len(ranked)} finished run(s) with an evaluation in {scope}"
            + (f" (next: {ranked[1].score:.2f}, run {ranked[1].run_name})" if len(ranked) > 1 else ""))
-    client = mlflow.MlflowClient()
-    try:
-        current = client.get_model_version_by_alias(model_name, ALIAS)
-    except mlflow.exceptions.MlflowException:
-        current = None
+    current = session.call(lambda client: _champion(client, model_name))
     # A version records the model as its source (models:/<id>); some stores also fill in its model_id.
     if current is not None and best.model_id in (current.model_id, current.source.removeprefix(MODELS)):
         return f"{model_name}@{ALIAS} is already version {current.version}, the model of run {best.run_name}: {why}"
-    version = mlflow.register_model(MODELS + best.model_id, model_name,
-                                    tags={"run_id": best.run_id, SCORE: f"{best.score:.6g}"})
-    client.set_registered_model_alias(model_name, ALIAS, version.version)
+    version = session.call(lambda client: _register(client, model_name, best))
     return (f"registered {model_name} version {version.version} from run {best.run_name} ({best.run_id}): {why}; "
             f"{model_name}@{ALIAS} -> version {version.version}")
+
+
+def _champion(client, model_name: str):
+    """The version `champion` points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, ALIAS)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _register(client, model_name: str, best: Candidate):
+    """A new version of `model_name` (created if new) holding the candidate's logged model, aliased `champion`:
+    what `mlflow.register_model("models:/<id>", ...)` does, then the alias."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(model_name, MODELS + best.model_id, model_id=best.model_id,
+                                          tags={"run_id": best.run_id, SCORE: f"{best.score:.6g}"})
+    client.set_registered_model_alias(model_name, ALIAS, version.version)
+    return version

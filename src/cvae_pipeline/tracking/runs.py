@@ -154,18 +154,13 @@ def training_run(session: Session, params: Params, resumed_run_id: str | None,
     """The run of this training: a new one, or the run of the interrupted training it resumes."""
     run_id, digest = resumed_run_id, params_digest(params)
     extra = {PARAMS_DIGEST_TAG: digest, EXECUTION_TAG: execution()}
-    if run_id and session.connect():
-        try:
-            earlier = session.get_run(run_id)
-        except Exception as error:  # any store failure: fatal only when tracking is required, else offline
-            session.store_failed(error)
-        else:
-            if earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest:
-                why = ("is not in the store " + session.uri if earlier is None
-                       else f"was logged with other params ({changed_params(earlier.data.params, params)})")
-                log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run "
-                            "that names it (tag resumed_from_run_id), with the epochs before", run_id, why)
-                extra["resumed_from_run_id"], run_id = run_id, None
+    earlier = session.get_run(run_id) if run_id else None
+    if run_id and not session.offline and (earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest):
+        why = ("is not in the store " + session.uri if earlier is None
+               else f"was logged with other params ({changed_params(earlier.data.params, params)})")
+        log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run that names "
+                    "it (tag resumed_from_run_id), with the epochs before", run_id, why)
+        extra["resumed_from_run_id"], run_id = run_id, None
     # The training alone samples system metrics: the stages that reopen its run add no second monitor.
     with session.open_run(run_id, run_name("train"), {**tags, **extra}, system_metrics=True) as run:
         if run is not None and run_id is None:
@@ -177,11 +172,7 @@ def trained_model(session: Session, run_reference: Path):
     """The model logged by the training that `run_reference` names (`.model_id`, `.model_uri`), or None: trained
     without MLflow, or the store does not know the run."""
     run_id = read_run_id(run_reference)
-    try:
-        return session.training_model(run_id) if run_id and session.get_run(run_id) else None
-    except Exception as error:  # any store failure: fatal only when tracking is required
-        session.store_failed(error)
-        return None
+    return session.training_model(run_id) if run_id and session.get_run(run_id) else None
 
 
 @contextlib.contextmanager
@@ -213,22 +204,17 @@ def _plan(session: Session, params: Params, stage: str, run_id: str,
           reference: Path) -> tuple[str | None, object] | None:
     """(the run to reopen: the training's `run_id`, this execution's follow-up, or None for a new follow-up; the
     training run, if the store knows it). None when the store is offline."""
-    if not session.connect():
+    training = session.get_run(run_id)
+    if session.offline:
         return None
-    try:
-        training = session.get_run(run_id)
-        if training is None:
-            log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another "
-                        "store); recording %s in a new run that names it (tag %s)", reference, run_id,
-                        session.uri, stage, TRAINING_RUN_TAG)
-        elif training.data.tags.get(EXECUTION_TAG) == execution():
-            return run_id, training
-        found = session.search_runs(f"tags.{EXECUTION_TAG} = '{execution()}' and "
-                                    f"tags.{TRAINING_RUN_TAG} = '{run_id}'")
-        return (found[0].info.run_id if found else None), training
-    except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when tracking is required
-        session.store_failed(error)
-        return None
+    if training is None:
+        log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another store); "
+                    "recording %s in a new run that names it (tag %s)", reference, run_id, session.uri, stage,
+                    TRAINING_RUN_TAG)
+    elif training.data.tags.get(EXECUTION_TAG) == execution():
+        return run_id, training
+    found = session.search_runs(f"tags.{EXECUTION_TAG} = '{execution()}' and tags.{TRAINING_RUN_TAG} = '{run_id}'")
+    return None if session.offline else ((found[0].info.run_id if found else None), training)
 
 
 def _record_upstream(session: Session, params: Params, training, history: pd.DataFrame, final: dict,

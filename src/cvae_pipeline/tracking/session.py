@@ -1,16 +1,18 @@
-"""MLflow: a stage's session with the store (`Session`), opening and ending its run, and what is logged to it.
+"""MLflow: a stage's session with the store, the one place where the project talks to it.
 
-Which run a stage logs into, and what a run is named and tagged, is `runs`' decision; where the store is and
-whether it answers, `store`'s.
+`Session` holds where the store is, a client of it, and the run the stage opened, by id: nothing here uses MLflow's
+global active run. Every exchange with the store goes through `Session.call`, which turns a failure of the store into
+the stage's one-line stop (`tracking.required: true`) or into offline mode (`false`: from then on writes do nothing
+and reads find nothing, while the DVC files keep every metric), for reads as for writes. Any other error is a bug in
+the caller, raised as it is.
 
-Faults: a store that does not answer stops a stage within seconds, before any work (`tracking.required: true`), or
-lets it go on without MLflow (`false`; the DVC files keep every metric). A run whose process died (kill -9, power
-loss) is marked KILLED by the next stage that opens the store on the same host, so none stays RUNNING forever.
-Logging is idempotent where a killed stage may repeat it: a metric is logged once per step, a model once per run.
+Which run a stage logs into, and what a run is named and tagged, is `runs`' decision; where the store is and whether
+it answers, `store`'s. A run whose process died (kill -9, power loss) is marked KILLED by the next stage that opens the
+store on the same host, so none stays RUNNING forever. Logging is idempotent where a killed stage may repeat it: a
+metric is logged once per step, a model once per run.
 """
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -18,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError, UserInputError
@@ -33,6 +36,7 @@ from cvae_pipeline.tracking.store import (
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+Result = TypeVar("Result")
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -47,15 +51,8 @@ def flatten(params: Params) -> dict[str, str]:
             # As params.yaml spells them: null, false, [32, 64]; strings bare.
             flat[prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
 
-    walk("", dataclasses.asdict(params))
+    walk("", params.model_dump())
     return flat
-
-
-def _mlflow(uri: str):
-    import mlflow  # deferred: importing MLflow costs seconds, and params are validated before it
-
-    mlflow.set_tracking_uri(uri)
-    return mlflow
 
 
 def _process_alive(pid: int) -> bool:
@@ -79,21 +76,19 @@ def reap_dead_runs(client, experiment_id: str) -> list[str]:
     return dead
 
 
-def ensure_experiment(name: str, uri: str | None = None) -> str:
-    """The experiment's id in the store at `uri` (default: `tracking_uri()`), created if needed (tolerating a
-    concurrent creation by another stage)."""
-    uri = uri or tracking_uri()
-    mlflow = _mlflow(uri)
-    with store_lock(uri):  # making a client opens the store, which creates its tables the first time
-        client = mlflow.MlflowClient()
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, created if needed, tolerating a concurrent creation by another stage."""
+    from mlflow.exceptions import MlflowException  # deferred: importing MLflow costs seconds
+
+    with store_lock(uri):
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
         try:
-            existing = client.get_experiment_by_name(name)
-            if existing is not None:
-                return existing.experiment_id
             # Opens in the UI's model-training view rather than its GenAI view.
             return client.create_experiment(name, artifact_location=artifact_location(uri),
                                             tags={"mlflow.experimentKind": "custom_model_development"})
-        except mlflow.exceptions.MlflowException as error:
+        except MlflowException as error:
             existing = client.get_experiment_by_name(name)
             if existing is None:
                 raise UserInputError(f"MLflow at {uri}: cannot create experiment {name!r} ({error})") from None
@@ -102,16 +97,17 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 
 class Session:
     """A stage's session with the MLflow store, made once by the stage and passed down to whatever records its work:
-    where the store is, whether it answers (checked once, before any work), and the run the stage opened, which
-    every logging call writes to (from any thread). Offline, every call does nothing: when the store does not answer
-    or fails during the stage and `tracking.required` is false, or when the stage has nothing to log to."""
+    where the store is, whether it answers (checked once, before any work), and the run the stage opened, which every
+    write goes to (from any thread)."""
 
-    def __init__(self, cfg: TrackingParams):
+    def __init__(self, cfg: TrackingParams, uri: str | None = None):
         self.cfg = cfg
-        self.uri = tracking_uri()
+        self.uri = uri or tracking_uri()
         self.checked = False
         self.offline = False
-        self.run = None  # while `open_run` holds it open
+        self.run_id: str | None = None  # while `open_run` holds it open
+        self._client = None
+        self._experiment_id: str | None = None
 
     def connect(self) -> bool:
         """Check the store, once. One that does not answer raises TrackingError when `tracking.required`, else the
@@ -129,13 +125,35 @@ class Session:
         return not self.offline
 
     def disable(self, reason: str) -> None:
-        """Log nothing from now on: every logging call does nothing, and a run is not even opened."""
+        """Log nothing from now on: every call does nothing, and a run is not even opened."""
         log.info("not logging to MLflow: %s", reason)
         self.checked, self.offline = True, True
 
-    def store_failed(self, error: Exception) -> None:
-        """An exception from a call to the store, in an `except` block. A failure of the store stops the stage in
-        one line when tracking is required, else the session goes offline; any other error is a bug, re-raised."""
+    @property
+    def client(self):
+        """An `MlflowClient` of the store, made at first use."""
+        if self._client is None:
+            import mlflow
+
+            # MLflow's model logging takes no store of its own: it reads the process's, which is this one.
+            mlflow.set_tracking_uri(self.uri)
+            with store_lock(self.uri):  # the first client of a SQLite store creates its tables
+                self._client = mlflow.MlflowClient(self.uri)
+        return self._client
+
+    def call(self, action: Callable[[Any], Result], default: Result = None) -> Result:
+        """`action(client)`: one exchange with the store. Offline, `default` without calling it. A failure of the store
+        stops the stage in one line when tracking is required, else the session goes offline and this returns
+        `default`; any other error is a bug in `action`, raised as it is."""
+        if not self.connect():
+            return default
+        try:
+            return action(self.client)
+        except Exception as error:
+            self._failed(error)
+            return default
+
+    def _failed(self, error: Exception) -> None:
         if not isinstance(error, store_errors()):
             raise error
         what = " ".join(f"{type(error).__name__}: {error}".split())
@@ -147,88 +165,134 @@ class Session:
         log.warning("MLflow failed (%s); going on without it (tracking.required is false)", what)
         self.offline = True
 
-    @contextlib.contextmanager
-    def open_run(self, run_id: str | None = None, run_name: str | None = None, tags: dict[str, str] | None = None,
-                 system_metrics: bool = False) -> Iterator:
-        """Start (or reopen, by id) the stage's run; it ends FINISHED, FAILED on an error, KILLED on Ctrl-C, never
-        RUNNING. Yields None, and logs nothing, when offline. `system_metrics`: MLflow samples CPU, memory (and GPU)
-        use while the run is open (a reopened run continues its steps)."""
-        if os.environ.pop("MLFLOW_RUN_ID", None):
-            log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
-        if not self.connect():
-            yield None
-            return
-        mlflow = _mlflow(self.uri)
-        owner = {"host": HOST, "pid": str(os.getpid())}
-        try:
-            experiment_id = ensure_experiment(self.cfg.experiment, self.uri)
-            client = mlflow.MlflowClient()
-            if run_id:  # claimed before it is RUNNING again, so no other stage takes it for a dead process's run
-                for key, value in owner.items():
-                    client.set_tag(run_id, key, value)
-            reap_dead_runs(client, experiment_id)
-            self.run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                                        run_name=None if run_id else run_name, tags={**(tags or {}), **owner},
-                                        log_system_metrics=system_metrics)
-        except UserInputError:
-            raise
-        except Exception as error:  # the store failed while opening the run: fatal only when tracking is required
-            self.store_failed(error)
-            yield None
-            return
-        try:
-            yield self.run
-        except KeyboardInterrupt:
-            self._end_run("KILLED")
-            raise
-        except BaseException:
-            self._end_run("FAILED")
-            raise
-        self._end_run("FINISHED")
+    # --- reads: nothing (None, []) when the store does not know it or the session is offline --------------------
 
-    def _end_run(self, status: str) -> None:
-        self.run = None
-        if self.offline:
-            return  # the store failed during the stage; there is nothing to end
-        self.log_with(lambda mlflow: mlflow.end_run(status))
-
-    def log_with(self, action: Callable) -> None:
-        """One call to the store (`action(mlflow)`), unless offline; a failure is fatal only when tracking is
-        required."""
-        if self.offline:
-            return
-        try:
-            action(_mlflow(self.uri))
-        except Exception as error:  # any store failure (MLflow's, a connection's): fatal only when required
-            self.store_failed(error)
+    def experiment_id(self) -> str | None:
+        """The id of `tracking.experiment`, created if needed."""
+        if self._experiment_id is None:
+            self._experiment_id = self.call(lambda client: ensure_experiment(client, self.cfg.experiment, self.uri))
+        return self._experiment_id
 
     def get_run(self, run_id: str):
-        """The run with this id, or None when the store does not know it (or it was deleted)."""
-        mlflow = _mlflow(self.uri)
-        try:
-            found = mlflow.MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException as error:
-            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
-        return None if found.info.lifecycle_stage == "deleted" else found
+        """The run with this id, or None: the store does not know it (or it was deleted), or is offline."""
+        def get(client):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                found = client.get_run(run_id)
+            except MlflowException as error:
+                if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    return None
+                raise
+            return None if found.info.lifecycle_stage == "deleted" else found
+
+        return self.call(get)
 
     def search_runs(self, filter_string: str) -> list:
         """The runs of the session's experiment matching an MLflow search filter, newest first."""
-        mlflow = _mlflow(self.uri)
-        return mlflow.MlflowClient().search_runs([ensure_experiment(self.cfg.experiment, self.uri)], filter_string,
-                                                 order_by=["attributes.start_time DESC"])
+        experiment_id = self.experiment_id()
+        if experiment_id is None:
+            return []
+        return self.call(lambda client: list(client.search_runs([experiment_id], filter_string,
+                                                                order_by=["attributes.start_time DESC"])), [])
+
+    def logged_models(self, run_id: str, ready: bool = True) -> list:
+        """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others,
+        which a process killed while logging left behind."""
+        def find(client) -> list:
+            found = client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                                filter_string=f"source_run_id = '{run_id}'",
+                                                order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+            return [model for model in found if str(model.status).endswith("READY") == ready]
+
+        return self.call(find, [])
+
+    def training_model(self, run_id: str):
+        """The model that a training run logged (`.model_id`, `.model_uri`), or None."""
+        found = self.logged_models(run_id)
+        return found[0] if found else None
+
+    # --- the stage's run -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_run(self, run_id: str | None = None, run_name: str | None = None, tags: dict[str, str] | None = None,
+                 system_metrics: bool = False) -> Iterator:
+        """Start (or reopen, by id) the stage's run, which every write of the session goes to until it ends: FINISHED,
+        FAILED on an error, KILLED on Ctrl-C, never RUNNING. Yields the run, or None, logging nothing, when offline.
+        `system_metrics`: MLflow samples CPU, memory (and GPU) use while it is open (a reopened run continues its
+        steps)."""
+        if os.environ.pop("MLFLOW_RUN_ID", None):
+            log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
+        experiment_id = self.experiment_id()
+        run = self.call(lambda client: self._start(client, experiment_id, run_id, run_name, {**(tags or {})}))
+        if run is None:
+            yield None
+            return
+        self.run_id = run.info.run_id
+        monitor = self._monitor(resumed=run_id is not None) if system_metrics else None
+        try:
+            yield run
+        except KeyboardInterrupt:
+            self._end("KILLED", monitor)
+            raise
+        except BaseException:
+            self._end("FAILED", monitor)
+            raise
+        self._end("FINISHED", monitor)
+
+    @staticmethod
+    def _start(client, experiment_id: str, run_id: str | None, run_name: str | None, tags: dict[str, str]):
+        from mlflow.entities import RunTag
+        from mlflow.tracking.context.registry import resolve_tags  # the source tags MLflow's start_run adds
+
+        tags.update(host=HOST, pid=str(os.getpid()))
+        if run_id:  # claimed before it is RUNNING again, so no other stage takes it for a dead process's run
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        reap_dead_runs(client, experiment_id)
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+            return client.get_run(run_id)
+        return client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(tags))
+
+    def _monitor(self, resumed: bool):
+        """MLflow's sampler of system metrics, logging into the open run; None (and a warning) if it cannot start."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as error:  # as MLflow's start_run: the run goes on without them
+            log.warning("MLflow's system metrics could not start (%s: %s)", type(error).__name__, error)
+            return None
+        return monitor
+
+    def _end(self, status: str, monitor) -> None:
+        run_id, self.run_id = self.run_id, None
+        if monitor is not None:
+            monitor.finish()
+        if not self.offline:  # else the store failed during the stage: there is nothing to end
+            self.call(lambda client: client.set_terminated(run_id, status))
+
+    def _write(self, action: Callable[[Any, str], None]) -> None:
+        """`action(client, run_id)` on the open run; nothing when there is none (offline, or nothing to log to)."""
+        run_id = self.run_id
+        if run_id is not None and not self.offline:
+            self.call(lambda client: action(client, run_id))
+
+    # --- writes to the open run ----------------------------------------------------------------------------------
 
     def log_params(self, params: Params) -> None:
-        self.log_with(lambda mlflow: mlflow.log_params(flatten(params)))
+        from mlflow.entities import Param
+
+        self._write(lambda client, run_id: client.log_batch(
+            run_id, params=[Param(key, value) for key, value in flatten(params).items()]))
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """The epochs of `history` (rows with an "epoch") that the run does not hold yet, each at its epoch as
         step, in one batched call: the epochs trained while MLflow was away, or between a checkpoint and a kill."""
-        def log(mlflow) -> None:
+        def log_missing(client, run_id) -> None:
             from mlflow.entities import Metric
 
-            client, run_id = mlflow.MlflowClient(), self.run.info.run_id
             logged = {metric.step for metric in client.get_metric_history(run_id, "train_loss")}
             now = int(time.time() * 1000)
             metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in history
@@ -237,17 +301,16 @@ class Session:
                 client.log_batch(run_id, metrics=metrics)
 
         if history:
-            self.log_with(log)
+            self._write(log_missing)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None,
                     once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
         """All of them, and `tags`, in one batched call (one transaction): a kill leaves all or none of them.
         `once`: leave out the metrics that the run already holds (a repeated stage logs no second point).
         `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data."""
-        def log(mlflow) -> None:
+        def log(client, run_id) -> None:
             from mlflow.entities import Metric, RunTag
 
-            client, run_id = mlflow.MlflowClient(), self.run.info.run_id
             held = client.get_run(run_id).data.metrics if once else {}
             now = int(time.time() * 1000)
             name, digest = dataset or (None, None)
@@ -256,42 +319,45 @@ class Session:
                                               for key, value in metrics.items() if key not in held],
                              tags=[RunTag(key, value) for key, value in (tags or {}).items()])
 
-        self.log_with(log)
+        self._write(log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.log_with(lambda mlflow: mlflow.set_tags(tags))
+        from mlflow.entities import RunTag
+
+        self._write(lambda client, run_id: client.log_batch(
+            run_id, tags=[RunTag(key, value) for key, value in tags.items()]))
 
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
-        def log(mlflow) -> None:
+        def log(client, run_id) -> None:
             for path in paths:
-                mlflow.log_artifact(str(path), artifact_path=folder)
+                client.log_artifact(run_id, str(path), artifact_path=folder)
 
-        self.log_with(log)
+        self._write(log)
 
-    def logged_models(self, run_id: str, ready: bool = True) -> list:
-        """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others,
-        which a process killed while logging left behind."""
-        mlflow = _mlflow(self.uri)
-        experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-        found = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                            filter_string=f"source_run_id = '{run_id}'",
-                                            order_by=[{"field_name": "creation_timestamp", "ascending": False}])
-        return [model for model in found if str(model.status).endswith("READY") == ready]
+    def log_input(self, dataset, tags: dict[str, str], model_id: str | None = None) -> None:
+        """`dataset` (an `mlflow.entities.Dataset`) as an input of the run, with `tags`, and of the logged model
+        `model_id` when given."""
+        def log(client, run_id) -> None:
+            from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
 
-    def training_model(self, run_id: str):
-        """The model that a training run logged (`.model_id`, `.model_uri`), or None."""
-        found = self.logged_models(run_id)
-        return found[0] if found else None
+            # MLflow creates a dataset the store has not seen; two sweep workers logging it at once race on a SQLite
+            # store (UNIQUE constraint failed: datasets...), so the same lock as the store's first use serializes it.
+            with store_lock(self.uri):
+                client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(key, value)
+                                                                           for key, value in tags.items()])],
+                                  models=[LoggedModelInput(model_id)] if model_id else None)
 
-    def log_model_once(self, log_model: Callable[[], None]) -> None:
-        """Call `log_model` to log the run's model, unless the run holds one already (a training resumed after its
-        model was logged): one model per training. An unfinished one, left by a kill mid-upload, is deleted first."""
-        def log(mlflow) -> None:
-            run_id = self.run.info.run_id
+        self._write(log)
+
+    def log_model_once(self, log_model: Callable[[Any, str], None]) -> None:
+        """Call `log_model(client, run_id)` to log the run's model, unless the run holds one already (a training
+        resumed after its model was logged): one model per training. An unfinished one, left by a kill mid-upload, is
+        deleted first."""
+        def log(client, run_id) -> None:
             if self.logged_models(run_id):
                 return
             for unfinished in self.logged_models(run_id, ready=False):
-                mlflow.MlflowClient().delete_logged_model(unfinished.model_id)
-            log_model()
+                client.delete_logged_model(unfinished.model_id)
+            log_model(client, run_id)
 
-        self.log_with(log)
+        self._write(log)

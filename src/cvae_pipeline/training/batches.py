@@ -46,8 +46,8 @@ class TrainingSet:
         the replicas.
 
         One iterator for the whole training, without tf.data's autotuning (there is nothing to tune in batching
-        indices): measured here, deleting an autotuned iterator took 0 to 11 s at random; with one such iterator an
-        epoch, that was 4 to 7 s between every two epochs, a third of an epoch."""
+        indices): deleting an autotuned iterator can block for seconds, which with one iterator an epoch stalled
+        training between every two epochs (docs/performance.md)."""
         count, seed = len(self.images), self.seed
 
         def epoch_batches(epoch):

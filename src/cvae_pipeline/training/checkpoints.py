@@ -1,13 +1,16 @@
-"""Resumable training state in one file, replaced atomically after every epoch.
+"""A training's state as one object, and its resumable checkpoint: one file, replaced atomically after every epoch.
 
-It holds what an uninterrupted run would carry from one epoch to the next: the weights, the optimizer's
-variables, the noise generator's state, the epoch, the metrics history, the progress grids and the MLflow run id.
+`TrainingState` is what an uninterrupted run carries from one epoch to the next: the model, the optimizer (its
+moments, its step count and the moving average of the weights), the noise generator, the epoch and the MLflow run id.
+It is saved and restored whole and by name (`model/encoder/encoder_conv_1/kernel`, `optimizer/...`,
+`generator/state`), never by position. The record of the training so far, the per-epoch history and progress grids
+(`Progress`), is kept apart from it, in the same file.
+
 Only the training that wrote a checkpoint, interrupted before it finished, may resume it: a fingerprint of the params,
 the data and the code guards against resuming another configuration, and a finished training marks its checkpoint
-so, which makes any later run (`dvc repro -f`, a changed param that does not enter the fingerprint) start afresh.
-A damaged file is never fatal: it is ignored with a warning. `Checkpoint` binds the file to the live model, optimizer
-and generator, and puts their variables back as they were when a complete file does not fit them. `Saver` writes
-each epoch's file on a thread of its own while the next epoch trains.
+so, which makes any later run (`dvc repro -f`, a changed param that does not enter the fingerprint) start afresh. A
+damaged file is never fatal: it is ignored with a warning. `Saver` writes each epoch's file on a thread of its own
+while the next epoch trains.
 """
 
 import hashlib
@@ -29,14 +32,7 @@ if TYPE_CHECKING:  # for annotations only: the file itself is NumPy's
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainingState:
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    grids: list[np.ndarray] = field(default_factory=list)  # one (16, 28, 28) uint8 grid per epoch, from epoch 0
-    run_id: str | None = None
-    finished: bool = False  # the training completed and wrote its outputs: nothing left to resume
+VARIABLES = "variables/"  # the prefix of the state's arrays in the file, before their names
 
 
 def fingerprint(*parts: object) -> str:
@@ -48,107 +44,114 @@ def fingerprint(*parts: object) -> str:
 
 
 @dataclass(frozen=True)
-class Variables:
-    """A training's variables, copied out as arrays: the model's weights, the optimizer's variables (its step count
-    among them) and the noise generator's state."""
-    model_weights: list[np.ndarray]
-    optimizer_variables: list[np.ndarray]
-    generator_state: np.ndarray
+class Snapshot:
+    """A training state's values at one moment, copied: they may be written later, while training goes on."""
+
+    epoch: int
+    run_id: str | None
+    variables: dict[str, np.ndarray]
 
 
-def save(path: str | Path, key: str, state: TrainingState, variables: Variables) -> None:
-    arrays = {
-        "fingerprint": np.array(key),
-        "epoch": np.array(state.epoch),
-        "history": np.array(json.dumps(state.history)),
-        "run_id": np.array(state.run_id or ""),
-        "finished": np.array(state.finished),
-        "grids": np.stack(state.grids),
-        "generator_state": variables.generator_state,
-    }
-    arrays.update({f"model_{i:03d}": weight for i, weight in enumerate(variables.model_weights)})
-    arrays.update({f"optimizer_{i:03d}": variable for i, variable in enumerate(variables.optimizer_variables)})
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
+@dataclass(frozen=True)
+class Progress:
+    """The record of a training so far: one history row and one (16, 28, 28) uint8 progress grid per epoch (the
+    grids from epoch 0, the initial weights)."""
+
+    history: list[dict] = field(default_factory=list)
+    grids: list[np.ndarray] = field(default_factory=list)
 
 
-@dataclass
-class Restored:
-    state: TrainingState
-    variables: Variables
+class TrainingState:
+    """The model, its optimizer with the average of the weights, the noise generator, the epoch the training
+    completed and its MLflow run id."""
 
+    def __init__(self, model: "keras.Model", optimizer: "keras.optimizers.Optimizer",
+                 generator: "tf.random.Generator", epoch: int = 0, run_id: str | None = None):
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.epoch, self.run_id = epoch, run_id
 
-def restore(path: str | Path, key: str) -> Restored | None:
-    """The saved state when it exists and matches `key`; None (start afresh) otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if str(archive["fingerprint"]) != key:
-                log.info("%s is from other params, data or code; training starts afresh at epoch 1", path)
-                return None
-            if bool(archive["finished"]):
-                log.info("%s is of a training that finished; this one starts afresh at epoch 1", path)
-                return None
-            names = sorted(archive.files)
-            state = TrainingState(
-                epoch=int(archive["epoch"]),
-                history=json.loads(str(archive["history"])),
-                grids=list(archive["grids"]),
-                run_id=str(archive["run_id"]) or None,
-            )
-            return Restored(state, Variables(
-                [archive[name] for name in names if name.startswith("model_")],
-                [archive[name] for name in names if name.startswith("optimizer_")],
-                archive["generator_state"],
-            ))
-    except DAMAGED_FILE_ERRORS as error:
-        # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
-        log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", path,
-                    type(error).__name__, error)
-        return None
+    def named_variables(self) -> dict:
+        """Every variable of the state by its name."""
+        named = {f"model/{variable.path}": variable for variable in self.model.weights}
+        named |= {f"optimizer/{variable.path}": variable for variable in self.optimizer.variables}
+        named["generator/state"] = self.generator.state
+        if len(named) != len(self.model.weights) + len(self.optimizer.variables) + 1:
+            raise ValueError("two variables of the training state share a name")  # a bug: names must identify them
+        return named
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.epoch, self.run_id, {name: np.array(variable.numpy())
+                                                  for name, variable in self.named_variables().items()})
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Put the snapshot's values in place, by name. A snapshot that does not fit (a name missing or unknown, a
+        shape that differs) raises ValueError naming it, and changes nothing."""
+        named = self.named_variables()
+        unknown = sorted(snapshot.variables.keys() - named.keys())
+        missing = sorted(named.keys() - snapshot.variables.keys())
+        if unknown:
+            raise ValueError(f"it holds {unknown[0]}, which this training has not")
+        if missing:
+            raise ValueError(f"it lacks {missing[0]}")
+        for name, variable in named.items():
+            if tuple(snapshot.variables[name].shape) != tuple(variable.shape):
+                raise ValueError(f"{name} has shape {snapshot.variables[name].shape}, not {tuple(variable.shape)}")
+        for name, variable in named.items():
+            variable.assign(snapshot.variables[name])
+        self.epoch, self.run_id = snapshot.epoch, snapshot.run_id
 
 
 class Checkpoint:
-    """One training's checkpoint file and the live objects whose variables it saves and restores, in order, under the
-    training's fingerprint `key`."""
+    """One training's checkpoint file, under the training's fingerprint `key`."""
 
-    def __init__(self, path: Path, key: str, model: "keras.Model", optimizer: "keras.optimizers.Optimizer",
-                 generator: "tf.random.Generator"):
+    def __init__(self, path: str | Path, key: str):
         self.path, self.key = Path(path), key
-        self.model, self.optimizer, self.generator = model, optimizer, generator
 
-    def variables(self) -> Variables:
-        """The current values, copied: they may be saved later, while training goes on."""
-        return Variables(self.model.get_weights(), [v.numpy() for v in self.optimizer.variables],
-                         self.generator.state.numpy())
+    def save(self, snapshot: Snapshot, progress: Progress, finished: bool = False) -> None:
+        """Write the state's `snapshot` and the `progress` so far; `finished`: nothing is left to resume."""
+        arrays = {"fingerprint": np.array(self.key), "epoch": np.array(snapshot.epoch),
+                  "run_id": np.array(snapshot.run_id or ""), "finished": np.array(finished),
+                  "history": np.array(json.dumps(progress.history)), "grids": np.stack(progress.grids),
+                  **{VARIABLES + name: value for name, value in snapshot.variables.items()}}
+        with atomic_path(self.path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
 
-    def assign(self, variables: Variables) -> None:
-        self.model.set_weights(variables.model_weights)
-        for variable, value in zip(self.optimizer.variables, variables.optimizer_variables, strict=True):
-            variable.assign(value)
-        self.generator.state.assign(variables.generator_state)
-
-    def save(self, state: TrainingState, variables: Variables | None = None) -> None:
-        """Write `state` with `variables`, taken earlier, or the current ones."""
-        save(self.path, self.key, state, variables or self.variables())
-
-    def restore(self) -> TrainingState | None:
-        """The state of the interrupted training this file holds, its variables assigned; None (start afresh, the
-        variables untouched) when there is none to resume."""
-        restored = restore(self.path, self.key)
-        if restored is None:
+    def read(self) -> tuple[Snapshot, Progress] | None:
+        """What the file holds, when it exists, whole, of this training, unfinished; None (start afresh) else."""
+        if not self.path.is_file():
             return None
-        initial = self.variables()
         try:
-            self.assign(restored.variables)
-        except (ValueError, TypeError) as error:  # arrays of the wrong number or shape: damaged, though whole
-            log.warning("%s is damaged (%s); ignoring it, training starts afresh at epoch 1", self.path, error)
-            self.assign(initial)
+            with np.load(self.path, allow_pickle=False) as archive:
+                if str(archive["fingerprint"]) != self.key:
+                    log.info("%s is from other params, data or code; training starts afresh at epoch 1", self.path)
+                    return None
+                if bool(archive["finished"]):
+                    log.info("%s is of a training that finished; this one starts afresh at epoch 1", self.path)
+                    return None
+                variables = {name.removeprefix(VARIABLES): archive[name] for name in archive.files
+                             if name.startswith(VARIABLES)}
+                return (Snapshot(int(archive["epoch"]), str(archive["run_id"]) or None, variables),
+                        Progress(json.loads(str(archive["history"])), list(archive["grids"])))
+        except DAMAGED_FILE_ERRORS as error:
+            # Only a complete file is ever renamed into place, so this is damage from elsewhere: say so, start afresh.
+            log.warning("%s is damaged (%s: %s); ignoring it, training starts afresh at epoch 1", self.path,
+                        type(error).__name__, error)
             return None
-        log.info("resuming after epoch %d from %s", restored.state.epoch, self.path)
-        return restored.state
+
+    def restore(self, state: TrainingState) -> Progress | None:
+        """The progress of the interrupted training this file holds, its state put in place in `state`; None (start
+        afresh, `state` untouched) when there is none to resume."""
+        found = self.read()
+        if found is None:
+            return None
+        snapshot, progress = found
+        try:
+            state.restore(snapshot)
+        except ValueError as error:  # whole, but not of this model and optimizer
+            log.warning("%s is damaged (%s); ignoring it, training starts afresh at epoch 1", self.path, error)
+            return None
+        log.info("resuming after epoch %d from %s", snapshot.epoch, self.path)
+        return progress
 
 
 class Saver:

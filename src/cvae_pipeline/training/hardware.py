@@ -5,11 +5,11 @@ compute capability). `auto` then means what the hardware does natively, never wh
 
 - precision: on GPUs, bfloat16 from compute capability 8.0 (Ampere and newer); float16 with loss scaling on GPUs 7.x
   (Volta, Turing: tensor cores without bfloat16); float32 below. On CPUs, float32 unless the CPU has AVX512-BF16 or
-  AMX and bfloat16 *measures* faster there: the flag alone does not tell (an AMD EPYC with AVX512-BF16 trained 1.3x
-  faster in bfloat16, an Intel Xeon with AVX512-BF16 and AVX512-FP16 but no AMX 0.65x as fast), so the model's
+  AMX and bfloat16 *measures* faster there: the flag alone does not tell (an AMD EPYC with AVX512-BF16 trains faster
+  in bfloat16, an Intel Xeon with AVX512-BF16 but no AMX slower; docs/performance.md), so the model's
   convolutions are timed in both precisions once per machine (about a second; the result is cached, so that a
   machine always makes the same choice and a seed the same model). On an AVX2-only CPU bfloat16 is emulated and
-  trained 9x slower than float32 (an AMD EPYC of the Zen 3 generation); only x86 flags are read, so other CPUs train
+  trains several times slower than float32; only x86 flags are read, so other CPUs train
   in float32. `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 (say AVX2) keeps TensorFlow's CPU kernels off bfloat16
   instructions, so `auto` then takes float32 too.
 - XLA (`jit_compile`): on GPUs, where it fuses the loss's many small element-wise ops; not on CPUs, where it ran slower.

@@ -5,7 +5,6 @@ order of its batches are `batches`', the per-epoch test ELBO (in float32) and pr
 `checkpoints`'. An epoch's checkpoint and logging run in the background while the next one trains.
 """
 
-import dataclasses
 import functools
 import logging
 import math
@@ -25,10 +24,11 @@ from cvae_pipeline.errors import TrainingError
 from cvae_pipeline.model import optimization
 from cvae_pipeline.model.losses import elbo_terms
 from cvae_pipeline.model.network import build_cvae
-from cvae_pipeline.training import checkpoints, hardware
+from cvae_pipeline.training import checkpoints
 from cvae_pipeline.training.batches import TrainingSet
-from cvae_pipeline.training.checkpoints import Checkpoint, TrainingState, Variables
-from cvae_pipeline.training.distribution import is_chief, lost_worker, make_strategy
+from cvae_pipeline.training.checkpoints import Checkpoint, Progress, Snapshot, TrainingState
+from cvae_pipeline.training.distribution import lost_worker
+from cvae_pipeline.training.process import Setup
 from cvae_pipeline.training.scoring import TestScorer
 
 log = logging.getLogger(__name__)
@@ -38,40 +38,41 @@ TIMING_COLUMNS = ("epoch_seconds", "eval_seconds", "elapsed_seconds", "images_pe
 
 
 class Trainer:
-    """The model, its optimizer and its noise generator, placed by the strategy, and the loop that trains them."""
+    """The training state (model, optimizer, noise generator), placed by the strategy, and the loop that trains it."""
 
-    def __init__(self, params: Params, data: PreparedData, script: Path | None = None,
-                 machine: hardware.Machine | None = None, started: float | None = None):
-        """`script`: the entry point whose code (and the modules it imports) trains; `started`: its
-        `time.perf_counter()` at start, from which each epoch's `elapsed_seconds` counts (default: now)."""
+    def __init__(self, params: Params, data: PreparedData, setup: Setup, script: Path | None = None,
+                 started: float | None = None):
+        """`setup`: what `process.set_up` made of the params on this machine, already applied; `script`: the entry
+        point whose code (and the modules it imports) trains; `started`: its `time.perf_counter()` at start, from
+        which each epoch's `elapsed_seconds` counts (default: now)."""
         self.params = params
         self.script = script or Path(__file__)
         self.started = time.perf_counter() if started is None else started
+        self.machine, self.strategy, self.is_chief = setup.machine, setup.strategy, setup.is_chief
+        self.precision, self.jit_compile = setup.precision, setup.jit_compile
         cfg = params.train
-        self.strategy = make_strategy(cfg.strategy)  # first: a multi-worker strategy must precede other TF work
-        self.is_chief = is_chief(self.strategy)
-        self.machine = machine or hardware.detect()
-        self.precision = hardware.choose_precision(cfg.precision, self.machine)
-        self.jit_compile = hardware.choose_jit(cfg.jit_compile, self.machine)
-        keras.utils.set_random_seed(params.seed)
-        if cfg.deterministic:
-            tf.config.experimental.enable_op_determinism()
         self.training_set = TrainingSet(data.train.images[..., None], cfg.batch_size, params.seed, self.strategy,
                                         self.machine)
-        keras.mixed_precision.set_dtype_policy(self.precision.value)
         with self.strategy.scope():  # variables mirrored on every replica; each replica its own noise stream
-            self.model = build_cvae(params.model)
-            self.optimizer = optimization.make_optimizer(cfg, self.precision.value,
-                                                         self.training_set.steps_per_epoch)
-            self.optimizer.build(self.model.trainable_variables)
-            self.generator = tf.random.Generator.from_seed(params.seed)
+            model = build_cvae(params.model)
+            optimizer = optimization.make_optimizer(cfg, self.precision.value, self.training_set.steps_per_epoch)
+            optimizer.build(model.trainable_variables)
+            self.state = TrainingState(model, optimizer, tf.random.Generator.from_seed(params.seed))
             # In the scope: a twin the averages are written into must be placed like the model.
-            self.scorer = TestScorer(self.model, params.model, data.test.images[: cfg.eval_limit, ..., None],
+            self.scorer = TestScorer(model, params.model, data.test.images[: cfg.eval_limit, ..., None],
                                      params.seed, self.precision.value == "float32", self.jit_compile.value,
-                                     self.optimizer if cfg.ema_momentum > 0 else None)
+                                     optimizer if cfg.ema_momentum > 0 else None)
         self._train_step = tf.function(self._step, jit_compile=self.jit_compile.value)
         # The loop over a call's steps stays outside XLA: it reads the tf.data iterator.
         self._train_steps = tf.function(self._steps)
+
+    @property
+    def model(self) -> keras.Model:
+        return self.state.model
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return self.state.optimizer
 
     def settings(self) -> dict[str, str]:
         """What this machine made of the params (`auto` decided, the batch rounded), and why: MLflow tags."""
@@ -86,8 +87,8 @@ class Trainer:
         # recorded), not evaluate's or visualize's. How the work is spread is not what is trained either, but what it
         # decides is: a run may resume under another strategy, on other devices, if they train the same batches in
         # the same precision.
-        settings = {"seed": self.params.seed, "model": dataclasses.asdict(self.params.model),
-                    "train": dataclasses.asdict(self.params.train)}
+        settings = {"seed": self.params.seed, "model": self.params.model.model_dump(),
+                    "train": self.params.train.model_dump()}
         settings["train"].pop("strategy")
         settings["train"].update(precision=self.precision.value, jit_compile=self.jit_compile.value,
                                  batch_size=self.training_set.batch_size,
@@ -96,22 +97,22 @@ class Trainer:
                                        self.scorer.images)
 
     def checkpoint(self, path: Path) -> Checkpoint:
-        """The checkpoint at `path` of this training: its model, optimizer and generator, under its fingerprint."""
-        return Checkpoint(path, self.fingerprint, self.model, self.optimizer, self.generator)
+        """The checkpoint at `path` of this training, under its fingerprint."""
+        return Checkpoint(path, self.fingerprint)
 
-    def start(self, checkpoint: Checkpoint) -> TrainingState:
-        """The state to train from: the checkpoint's when it holds this training, interrupted; else epoch 0, whose
-        progress grid the initial weights decode."""
-        state = checkpoint.restore()
-        if state is None:
+    def start(self, checkpoint: Checkpoint) -> Progress:
+        """Where to train from: the checkpoint's state and progress when it holds this training, interrupted; else
+        the initial state at epoch 0, whose progress grid the initial weights decode."""
+        progress = checkpoint.restore(self.state)
+        if progress is None:
             self.scorer.take_weights()
-            state = TrainingState(grids=[self.scorer.progress_grid()])
-        return state
+            progress = Progress(grids=[self.scorer.progress_grid()])
+        return progress
 
     def _step(self, indices, replica_images):
         """One replica's share of an optimizer step: its images by index, and its part of the global mean loss."""
         images = tf.cast(tf.gather(replica_images, indices), tf.float32)
-        noise = self.generator.normal((tf.shape(images)[0], self.params.model.latent_dim))
+        noise = self.state.generator.normal((tf.shape(images)[0], self.params.model.latent_dim))
         with tf.GradientTape() as tape:
             reconstruction, kl = elbo_terms(self.model, images, noise, self.params.train.kl)
             # Sum over this replica's images / the global batch (replicas share it evenly): the optimizer sums the
@@ -157,13 +158,14 @@ class Trainer:
         return {"train_loss": total / steps_per_epoch, "epoch_seconds": seconds,
                 "images_per_second": len(self.training_set.images) / seconds}
 
-    def fit(self, state: TrainingState, checkpoint: Checkpoint,
-            on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None) -> TrainingState:
-        """Train from `state.epoch` to the configured number of epochs, checkpointing after each one; `on_epoch`
-        runs after that epoch's checkpoint is written, on the checkpoint's thread."""
-        epochs = self.params.train.epochs
+    def fit(self, progress: Progress, checkpoint: Checkpoint,
+            on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, metrics: None) -> Progress:
+        """Train from the state's epoch to the configured number of epochs, checkpointing the state and `progress`
+        after each one; `on_epoch` runs after that epoch's checkpoint is written, on the checkpoint's thread. The
+        progress of the whole training."""
+        state, epochs = self.state, self.params.train.epochs
         # Seconds since the training began, over all the processes a resumed training ran in.
-        earlier = state.history[-1]["elapsed_seconds"] if state.history else 0.0
+        earlier = progress.history[-1]["elapsed_seconds"] if progress.history else 0.0
         batches = self.training_set.batches(state.epoch + 1, epochs)
         with checkpoints.Saver() as saver:
             for epoch in range(state.epoch + 1, epochs + 1):
@@ -174,17 +176,18 @@ class Trainer:
                          "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics["train_loss"],
                          metrics["test_elbo"], metrics["test_reconstruction"], metrics["test_kl"],
                          metrics["epoch_seconds"], metrics["eval_seconds"], metrics["images_per_second"])
-                state = TrainingState(epoch, [*state.history, {"epoch": epoch, **metrics}],
-                                      [*state.grids, self.scorer.progress_grid()], state.run_id)
+                state.epoch = epoch
+                progress = Progress([*progress.history, {"epoch": epoch, **metrics}],
+                                    [*progress.grids, self.scorer.progress_grid()])
                 # A kill between the checkpoint and the logging is mended by the next start.
-                saver.submit(functools.partial(save_then, checkpoint, state, checkpoint.variables(),
+                saver.submit(functools.partial(save_then, checkpoint, state.snapshot(), progress,
                                                functools.partial(on_epoch, epoch, metrics)))
         # The trained model is what every epoch scored: the average of the weights, when one is kept (Keras' `fit`
         # ends the same way). The checkpoint holds the weights and the average apart, to resume from.
         self.optimizer.finalize_variable_values(self.model.trainable_variables)
-        return state
+        return progress
 
 
-def save_then(checkpoint: Checkpoint, state: TrainingState, variables: Variables, then: Callable[[], None]) -> None:
-    checkpoint.save(state, variables)
+def save_then(checkpoint: Checkpoint, snapshot: Snapshot, progress: Progress, then: Callable[[], None]) -> None:
+    checkpoint.save(snapshot, progress)
     then()

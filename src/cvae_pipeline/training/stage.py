@@ -15,17 +15,18 @@ from cvae_pipeline.data import PreparedData
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
 from cvae_pipeline.tracking import lineage, runs
 from cvae_pipeline.tracking.session import Session
-from cvae_pipeline.training import hardware
-from cvae_pipeline.training.checkpoints import TrainingState
+from cvae_pipeline.training.checkpoints import Progress
 from cvae_pipeline.training.distribution import require_same_on_every_worker
 from cvae_pipeline.training.loop import Trainer
+from cvae_pipeline.training.process import set_up
 
 log = logging.getLogger(__name__)
 
-def log_model(model_file: Path, example: np.ndarray) -> None:
-    from cvae_pipeline.tracking import logged_model  # MLflow's pyfunc: imported only when a model is logged (seconds)
+def log_model(client, run_id: str, model_file: Path, example: np.ndarray) -> None:
+    # MLflow's pyfunc flavour: imported only when a model is logged (it takes seconds).
+    from cvae_pipeline.tracking import logged_model
 
-    logged_model.log_model(model_file, example)
+    logged_model.log_model(client, run_id, model_file, example)
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,13 @@ def final_metrics(history: list[dict]) -> dict[str, float]:
     return final
 
 
-def write_outputs(trainer: Trainer, state: TrainingState, final: dict[str, float], outputs: TrainOutputs) -> None:
+def write_outputs(trainer: Trainer, progress: Progress, final: dict[str, float], outputs: TrainOutputs) -> None:
     with atomic_path(outputs.model) as temporary:
         trainer.model.save(temporary)
     with atomic_path(outputs.history) as temporary:
-        pd.DataFrame(state.history).to_csv(temporary, index=False, float_format="%.6g")
+        pd.DataFrame(progress.history).to_csv(temporary, index=False, float_format="%.6g")
     with atomic_path(outputs.progress) as temporary, open(temporary, "wb") as handle:
-        np.savez_compressed(handle, grids=np.stack(state.grids), epochs=np.arange(len(state.grids)))
+        np.savez_compressed(handle, grids=np.stack(progress.grids), epochs=np.arange(len(progress.grids)))
     write_json_atomic(outputs.metrics, final)
 
 
@@ -75,33 +76,33 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     session.connect()  # a tracking server that does not answer stops the stage before any work
     for path in dataclasses.astuple(outputs):
         remove_leftover_temporaries(path)  # of a run that was killed while writing
-    machine = hardware.detect()  # before any tensor exists: GPU memory growth can only be set then
-    trainer = Trainer(params, data, script, machine, started)
+    trainer = Trainer(params, data, set_up(params), script, started)
     checkpoint = trainer.checkpoint(outputs.checkpoint)
-    state = trainer.start(checkpoint)
+    progress, state = trainer.start(checkpoint), trainer.state
     # Workers that resumed from different checkpoints would apply one gradient to different weights, silently.
     require_same_on_every_worker(trainer.strategy, {"checkpoint epoch": state.epoch,
                                                     "training settings": int(trainer.fingerprint[:12], 16)},
                                  f"give every worker the same commit, params, data and {outputs.checkpoint}")
     if not trainer.is_chief:  # a cluster's other workers train in lockstep and write the same files, unlogged
         session.disable("this worker is not the chief, which logs the run")
-    log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s", machine.describe(),
-             trainer.precision.value, trainer.precision.reason, "on" if trainer.jit_compile.value else "off",
-             trainer.strategy.num_replicas_in_sync, session.uri)
+    log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s",
+             trainer.machine.describe(), trainer.precision.value, trainer.precision.reason,
+             "on" if trainer.jit_compile.value else "off", trainer.strategy.num_replicas_in_sync, session.uri)
     tags = {**runs.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
     with runs.training_run(session, params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
-        session.log_missing_epochs(state.history)
+        session.log_missing_epochs(progress.history)
         if data.source is not None:
             lineage.log_dataset(session, data.source, params.data, "train")
-        state = trainer.fit(state, checkpoint, on_epoch=lambda epoch, metrics: session.log_metrics(metrics, epoch))
-        final = final_metrics(state.history)
-        write_outputs(trainer, state, final, outputs)
+        progress = trainer.fit(progress, checkpoint, lambda epoch, metrics: session.log_metrics(metrics, epoch))
+        final = final_metrics(progress.history)
+        write_outputs(trainer, progress, final, outputs)
         runs.write_run_reference(outputs.run, run)
         session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
-        session.log_model_once(lambda: log_model(outputs.model, trainer.scorer.images[:2].astype(np.float32)))
+        example = trainer.scorer.images[:2].astype(np.float32)
+        session.log_model_once(lambda client, run_id: log_model(client, run_id, outputs.model, example))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
-    checkpoint.save(dataclasses.replace(state, finished=True))
+    checkpoint.save(state.snapshot(), progress, finished=True)
     return final

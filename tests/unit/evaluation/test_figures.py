@@ -49,7 +49,7 @@ def test_pca_signs_do_not_depend_on_the_signs_the_svd_happens_to_return(monkeypa
 
 @pytest.fixture(scope="module")
 def model_2d():
-    return build_cvae(ModelParams(2, (4, 8), (8, 4)))
+    return build_cvae(ModelParams(latent_dim=2, encoder_filters=(4, 8), decoder_filters=(8, 4)))
 
 
 def size_of(path):

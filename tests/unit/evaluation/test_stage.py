@@ -9,8 +9,7 @@ import tensorflow as tf
 from cvae_pipeline.config import EvaluateParams, ModelParams
 from cvae_pipeline.evaluation.stage import Evaluator, active_units, log_mean_exp
 from cvae_pipeline.model.network import build_cvae
-from cvae_pipeline.training.loop import Trainer
-from helpers import params_with, synthetic_digits
+from helpers import make_trainer, params_with, synthetic_digits
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -38,7 +37,7 @@ def test_active_units_count_dimensions_whose_mean_varies():
 
 def test_every_metric_matches_numpy_on_a_tiny_model():
     seed, latent_dim = 7, 3
-    model = build_cvae(ModelParams(latent_dim, (4, 8), (8, 4)))
+    model = build_cvae(ModelParams(latent_dim=latent_dim, encoder_filters=(4, 8), decoder_filters=(8, 4)))
     images, _ = synthetic_digits(6, seed=3)
     cfg = EvaluateParams(samples=3, iwae_k=7, decode_batch=1000)  # one batch of 6 images, one chunk of 7 draws
     metrics = Evaluator(model, cfg, seed).evaluate(images)
@@ -71,14 +70,15 @@ def trained(request):
     from cvae_pipeline.data import PreparedData, Split
 
     data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(200, seed=2)))
-    trainer = Trainer(params_with(model={"latent_dim": 4}, train={"batch_size": 32, "learning_rate": 1e-3}), data)
+    trainer = make_trainer(params_with(model={"latent_dim": 4}, train={"batch_size": 32, "learning_rate": 1e-3}), data)
     for epoch in (1, 2):
         trainer.train_epoch(epoch)
     return trainer.model, data.test.images
 
 
 def evaluate_with(model, images, k, samples=1, decode_batch=10_000, seed=0):
-    return Evaluator(model, EvaluateParams(samples, k, decode_batch), seed=seed).evaluate(images)
+    cfg = EvaluateParams(samples=samples, iwae_k=k, decode_batch=decode_batch)
+    return Evaluator(model, cfg, seed=seed).evaluate(images)
 
 
 def test_iwae_is_at_least_the_elbo_and_rises_with_k(trained):

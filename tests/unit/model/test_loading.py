@@ -11,7 +11,7 @@ from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.model.loading import BATCH, load_model_file, load_trained, reconstruct
 from cvae_pipeline.model.network import build_cvae
 
-SMALL = ModelParams(2, (4, 8), (8, 4))
+SMALL = ModelParams(latent_dim=2, encoder_filters=(4, 8), decoder_filters=(8, 4))
 
 
 @pytest.fixture
@@ -59,4 +59,4 @@ def test_a_missing_damaged_or_foreign_file_raises_one_clear_error_of_the_callers
     with pytest.raises(UserInputError, match="a Sequential, not the CVAE that train writes"):
         load_model_file(other)
     with pytest.raises(UserInputError, match=r"does not match model\.latent_dim=3"):
-        load_trained(path, ModelParams(3, (4, 8), (8, 4)))
+        load_trained(path, ModelParams(latent_dim=3, encoder_filters=(4, 8), decoder_filters=(8, 4)))

@@ -73,7 +73,7 @@ def test_unknown_kl_mode_is_refused():
 
 @pytest.mark.parametrize("kl_mode", ["analytic", "monte_carlo"])
 def test_elbo_terms_of_a_model_match_numpy(kl_mode):
-    model = build_cvae(ModelParams(4, (4, 8), (8, 4)))
+    model = build_cvae(ModelParams(latent_dim=4, encoder_filters=(4, 8), decoder_filters=(8, 4)))
     images = rng.integers(0, 2, (3, 28, 28, 1)).astype(np.float32)
     noise = rng.normal(size=(3, 4)).astype(np.float32)
     reconstruction, kl = elbo_terms(model, tf.constant(images), tf.constant(noise), kl_mode)

@@ -7,21 +7,22 @@ import tensorflow as tf
 
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.model.network import CVAE, OneChannelConv2DTranspose, build_cvae
+from helpers import model_params
 
 
 @pytest.mark.parametrize(("latent_dim", "count"), [(50, 366_533), (2, 69_989)])
 def test_parameter_count_matches_the_tutorial(latent_dim, count):
-    assert build_cvae(ModelParams(latent_dim, (32, 64), (64, 32))).count_params() == count
+    assert build_cvae(model_params(latent_dim)).count_params() == count
 
 
 def test_filters_come_from_params():
-    model = build_cvae(ModelParams(4, (8, 16), (16, 8)))
+    model = build_cvae(ModelParams(latent_dim=4, encoder_filters=(8, 16), decoder_filters=(16, 8)))
     assert model.encoder.get_layer("encoder_conv_2").filters == 16
     assert model.decoder.get_layer("decoder_deconv_1").filters == 16
 
 
 def test_shapes_of_encode_reparameterize_decode():
-    model = build_cvae(ModelParams(3, (32, 64), (64, 32)))
+    model = build_cvae(model_params(3))
     images = np.random.default_rng(0).integers(0, 2, (5, 28, 28, 1)).astype("float32")
     mean, log_variance = model.encode(images)
     assert mean.shape == log_variance.shape == (5, 3)
@@ -39,7 +40,7 @@ def test_reparameterization_scales_noise_by_the_standard_deviation():
 
 
 def test_saved_model_loads_in_safe_mode_with_the_same_outputs(tmp_path):
-    model = build_cvae(ModelParams(2, (32, 64), (64, 32)))
+    model = build_cvae(model_params(2))
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     images = np.random.default_rng(1).random((2, 28, 28, 1), dtype="float32")
@@ -50,7 +51,7 @@ def test_saved_model_loads_in_safe_mode_with_the_same_outputs(tmp_path):
 def test_mixed_precision_computes_in_bfloat16_but_hands_out_float32():
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        model = build_cvae(ModelParams(3, (32, 64), (64, 32)))
+        model = build_cvae(model_params(3))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert model.decoder.get_layer("decoder_logits").compute_dtype == "bfloat16"
@@ -69,7 +70,7 @@ def test_a_model_file_with_code_in_it_is_refused_by_safe_mode(tmp_path):
     unsafe.save(tmp_path / "unsafe.keras")
     with pytest.raises(UserInputError, match=r"unsafe\.keras: not a model this version of cvae_pipeline can load "
                                               r".*safe_mode"):
-        load_trained(tmp_path / "unsafe.keras", ModelParams(2, (32, 64), (64, 32)))
+        load_trained(tmp_path / "unsafe.keras", model_params(2))
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
@@ -110,7 +111,7 @@ def test_the_one_channel_output_layer_refuses_another_layout():
 
 
 def test_the_decoder_computes_its_last_layer_as_a_depthwise_convolution():
-    model = build_cvae(ModelParams(4, (4, 8), (8, 4)))
+    model = build_cvae(ModelParams(latent_dim=4, encoder_filters=(4, 8), decoder_filters=(8, 4)))
     assert isinstance(model.decoder.get_layer("decoder_logits"), OneChannelConv2DTranspose)
     traced = tf.function(model.decode).get_concrete_function(tf.TensorSpec((2, 4), tf.float32)).graph
     assert "DepthwiseConv2dNative" in {operation.type for operation in traced.get_operations()}

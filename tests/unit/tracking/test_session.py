@@ -1,7 +1,6 @@
 """The stage's MLflow session: how params are flattened, how runs open and end, and a store that fails."""
 
 import contextlib
-import dataclasses
 import os
 import socket
 import subprocess
@@ -48,8 +47,8 @@ def test_experiment_is_created_once_for_model_training_with_artifacts_in_the_mai
     copy = store / ".dvc" / "tmp" / "exps" / "tmp1"  # as `dvc exp run --queue` runs a stage
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
-    first = tracking.ensure_experiment("sweep")
-    assert tracking.ensure_experiment("sweep") == first
+    first = tracking.Session(CFG.model_copy(update={"experiment": "sweep"})).experiment_id()
+    assert tracking.Session(CFG.model_copy(update={"experiment": "sweep"})).experiment_id() == first
     experiment = mlflow.MlflowClient().get_experiment(first)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.artifact_location.removeprefix("file://").startswith(str(store / "mlruns"))
@@ -97,7 +96,7 @@ def dead_pid() -> int:
 @pytest.mark.reliability
 def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     client = mlflow.MlflowClient()
-    experiment_id = tracking.ensure_experiment("e")
+    experiment_id = tracking.Session(CFG).experiment_id()
     orphan = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(dead_pid())})
     alive = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(os.getpid())})
     elsewhere = client.create_run(experiment_id, tags={"host": "another-machine", "pid": str(dead_pid())})
@@ -126,7 +125,7 @@ def test_a_tracking_server_that_does_not_answer_is_an_error_when_required(store,
 @pytest.mark.reliability
 def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port())
-    optional = dataclasses.replace(CFG, required=False)
+    optional = CFG.model_copy(update={"required": False})
     session = tracking.Session(optional)
     with session.open_run() as run:
         assert run is None
@@ -147,7 +146,7 @@ def test_without_a_required_server_nothing_is_logged_and_nothing_fails(store, mo
 
 @pytest.mark.reliability
 def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_required(store, monkeypatch):
-    def broken(name, uri=None):
+    def broken(client, name, uri):
         raise ConnectionResetError("the store\nwent away")
 
     monkeypatch.setattr(tracking, "ensure_experiment", broken)
@@ -156,7 +155,7 @@ def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_requir
     assert str(stopped.value).startswith(f"MLflow store {tracking.tracking_uri()} failed during the stage "
                                          "(ConnectionResetError: the store went away): ")
     assert "tracking.required: false" in str(stopped.value) and "\n" not in str(stopped.value)
-    session = tracking.Session(dataclasses.replace(CFG, required=False))
+    session = tracking.Session(CFG.model_copy(update={"required": False}))
     with session.open_run() as run:
         assert run is None
         session.log_metrics({"loss": 1.0}, step=1)  # and nothing after it tries the store again
@@ -164,13 +163,13 @@ def test_a_store_that_fails_while_the_run_opens_stops_the_stage_only_when_requir
 
 @pytest.mark.parametrize("required", [True, False])
 def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store(store, monkeypatch, required):
-    def buggy(mlflow):
+    def buggy(client):
         raise TypeError("a bug in what is logged")
 
-    session = tracking.Session(dataclasses.replace(CFG, required=required))
+    session = tracking.Session(CFG.model_copy(update={"required": required}))
     with session.open_run() as run:
         with pytest.raises(TypeError, match="a bug"):
-            session.log_with(buggy)
+            session.call(buggy)
         session.log_metrics({"loss": 1.0}, step=1)  # still online: a bug is not the store's failure
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics == {"loss": 1.0}
 
@@ -178,17 +177,50 @@ def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store
 @pytest.mark.reliability
 def test_a_run_being_reopened_is_claimed_before_it_is_running_so_no_stage_takes_it_for_a_dead_one(store, monkeypatch):
     client = mlflow.MlflowClient()
-    previous = client.create_run(tracking.ensure_experiment("e"), tags={"host": tracking.HOST, "pid": str(dead_pid())})
+    previous = client.create_run(tracking.Session(CFG).experiment_id(),
+                                 tags={"host": tracking.HOST, "pid": str(dead_pid())})
     client.set_terminated(previous.info.run_id, "KILLED")
     owners_at_reopening = []
-    start_run = mlflow.start_run
+    update_run = mlflow.MlflowClient.update_run
 
-    def watched_start_run(*args, **kwargs):  # the moment the run turns RUNNING again
-        owners_at_reopening.append(client.get_run(previous.info.run_id).data.tags["pid"])
-        return start_run(*args, **kwargs)
+    def watched_update_run(self, run_id, status=None, **kwargs):  # the moment the run turns RUNNING again
+        if status == "RUNNING":
+            owners_at_reopening.append(client.get_run(run_id).data.tags["pid"])
+        return update_run(self, run_id, status, **kwargs)
 
-    monkeypatch.setattr(mlflow, "start_run", watched_start_run)
+    monkeypatch.setattr(mlflow.MlflowClient, "update_run", watched_update_run)
     with tracking.Session(CFG).open_run(run_id=previous.info.run_id):
         pass
     assert owners_at_reopening == [str(os.getpid())]
     assert status_of(previous.info.run_id) == "FINISHED"
+
+
+def test_the_session_writes_to_its_own_run_and_store_without_mlflows_active_run(store, tmp_path):
+    session = tracking.Session(CFG)
+    with session.open_run() as run:
+        assert mlflow.active_run() is None  # the run is the session's, by id
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # someone else's global store
+        session.log_metrics({"loss": 1.0}, step=1)
+        session.set_tags({"k": "v"})
+    mine = mlflow.MlflowClient(session.uri).get_run(run.info.run_id)
+    assert mine.data.metrics == {"loss": 1.0} and mine.data.tags["k"] == "v" and mine.info.status == "FINISHED"
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("read", ["get_run", "search_runs", "logged_models"])
+def test_a_store_that_fails_on_a_read_stops_in_one_line_or_goes_offline(store, monkeypatch, read):
+    session = tracking.Session(CFG)
+    with session.open_run() as run:
+        run_id = run.info.run_id
+
+    def broken(*args, **kwargs):
+        raise ConnectionResetError("the store went away")
+
+    for method in ("get_run", "search_runs", "search_logged_models"):
+        monkeypatch.setattr(mlflow.MlflowClient, method, broken)
+    reads = {"get_run": lambda s: s.get_run(run_id), "search_runs": lambda s: s.search_runs("tags.k = 'v'"),
+             "logged_models": lambda s: s.logged_models(run_id)}
+    with pytest.raises(tracking.TrackingError, match=r"failed during the stage \(ConnectionResetError: the store went"):
+        reads[read](session)
+    optional = tracking.Session(CFG.model_copy(update={"required": False}))
+    assert reads[read](optional) in (None, []) and optional.offline

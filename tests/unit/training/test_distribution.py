@@ -32,17 +32,17 @@ if os.environ.get("LOGICAL_CPUS"):
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(os.environ["LOGICAL_CPUS"]))])
 import keras
 import numpy as np
-from helpers import params_with, synthetic_digits
+from helpers import make_trainer, params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
-from cvae_pipeline.training.loop import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
 if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many images: its size is the gradient's
-    keras.optimizers.Adam = keras.optimizers.SGD
+    from cvae_pipeline.model import optimization
+    optimization.make_optimizer = lambda cfg, precision, steps_per_epoch: keras.optimizers.SGD(cfg.learning_rate)
     count = int(os.environ["ONE_SGD_STEP"])
     data = PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test)
     params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": count, "learning_rate": 1e-3,
                          "schedule": "constant", "strategy": sys.argv[1], "precision": "float32"}})
-    trainer = Trainer(params, data)
+    trainer = make_trainer(params, data)
     before = [variable.numpy() for variable in trainer.model.trainable_variables]
     trainer.train_epoch(1)
     after = [variable.numpy() for variable in trainer.model.trainable_variables]
@@ -52,7 +52,7 @@ if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many ima
 params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.environ.get("BATCH", 32)),
                      "learning_rate": 1e-3, "schedule": "constant", "epochs": {epochs},
                      "strategy": sys.argv[1], "precision": "float32"}})
-trainer = Trainer(params, data)
+trainer = make_trainer(params, data)
 curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
 print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_replicas_in_sync,
                             "batch": trainer.training_set.batch_size,
@@ -164,11 +164,10 @@ def test_multi_worker_without_a_cluster_says_what_is_missing():
 ENDLESS = """
 import sys
 sys.path.insert(0, {tests!r})
-from helpers import params_with, synthetic_digits
+from helpers import make_trainer, params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
-from cvae_pipeline.training.loop import Trainer
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
-trainer = Trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
+trainer = make_trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
                                                                "precision": "float32"}}), data)
 for epoch in range(1, 1000):
     trainer.train_epoch(epoch)

@@ -10,8 +10,7 @@ import tensorflow as tf
 
 from cvae_pipeline.training import hardware
 from cvae_pipeline.training.hardware import Gpu, Machine, choose_jit, choose_precision, parse_cpuinfo, replica_batch
-from cvae_pipeline.training.loop import Trainer
-from helpers import params_with
+from helpers import make_trainer, params_with
 
 ZEN3 = Machine("AMD EPYC 7763 64-Core Processor", frozenset({"fpu", "sse2", "avx", "avx2", "fma"}))
 ZEN4 = Machine("AMD EPYC 9654 96-Core Processor", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -101,7 +100,7 @@ def small(**train):
 def test_the_trainer_trains_in_the_precision_auto_chose(small_data, machine, policy, monkeypatch):
     monkeypatch.setattr(hardware, "measured_bfloat16_speedup", speedup_of)
     try:
-        trainer = Trainer(small(precision="auto", jit_compile="auto"), small_data, machine=machine)
+        trainer = make_trainer(small(precision="auto", jit_compile="auto"), small_data, machine)
         assert trainer.precision.value == policy
         assert keras.mixed_precision.dtype_policy().name == policy
         assert trainer.jit_compile.value is False
@@ -112,10 +111,10 @@ def test_the_trainer_trains_in_the_precision_auto_chose(small_data, machine, pol
 
 def test_on_a_gpu_the_images_are_kept_in_a_dtype_with_a_gather_kernel_and_train_the_same(small_data):
     params = small(precision="float32", jit_compile=False)
-    on_cpu = Trainer(params, small_data, machine=ZEN3)
+    on_cpu = make_trainer(params, small_data, ZEN3)
     assert on_cpu.training_set.replica_images.dtype == tf.uint8
     cpu_loss = on_cpu.train_epoch(1)["train_loss"]
-    on_gpu = Trainer(params, small_data, machine=gpus((8, 0)))  # what it keeps; the ops still run on this CPU
+    on_gpu = make_trainer(params, small_data, gpus((8, 0)))  # what it keeps; the ops still run on this CPU
     assert on_gpu.training_set.replica_images.dtype == tf.float32
     np.testing.assert_array_equal(on_gpu.training_set.replica_images.numpy(), small_data.train.images[..., None])
     assert on_gpu.train_epoch(1)["train_loss"] == cpu_loss

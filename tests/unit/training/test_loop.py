@@ -13,7 +13,7 @@ from cvae_pipeline.model.losses import elbo_terms
 from cvae_pipeline.model.network import build_cvae
 from cvae_pipeline.training.loop import TIMING_COLUMNS, Trainer
 from cvae_pipeline.training.stage import final_metrics
-from helpers import params_with
+from helpers import make_trainer, params_with
 
 FAST = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "epochs": 2, "eval_limit": None}
 
@@ -23,7 +23,7 @@ def small_params(**train):
 
 
 def test_one_epoch_on_512_images_lowers_the_loss(small_data):
-    trainer = Trainer(small_params(), small_data)
+    trainer = make_trainer(small_params(), small_data)
     before = trainer.scorer.evaluate()
     metrics = trainer.train_epoch(1)
     after = trainer.scorer.evaluate()
@@ -34,7 +34,7 @@ def test_one_epoch_on_512_images_lowers_the_loss(small_data):
 
 def first_step_loss(data, **train) -> float:
     """The loss of the first optimizer step (computed before its update), same seed: same weights, batch, noise."""
-    trainer = Trainer(small_params(precision="float32", **train), data)
+    trainer = make_trainer(small_params(precision="float32", **train), data)
     return float(trainer._train_steps(trainer.training_set.batches(1, 1), tf.constant(1))[0])
 
 
@@ -58,14 +58,21 @@ def timeless(history):
 
 
 def train_fresh(params, data, path):
-    trainer = Trainer(params, data)
+    """A trainer trained from scratch, checkpointing to `path`, and the progress of its training."""
+    trainer = make_trainer(params, data)
     checkpoint = trainer.checkpoint(path)
     return trainer, trainer.fit(trainer.start(checkpoint), checkpoint)
 
 
 def start(trainer, path):
-    """The state `trainer` trains from, after reading the checkpoint at `path`."""
+    """The progress `trainer` trains from, after reading the checkpoint at `path` (its state is then the file's)."""
     return trainer.start(trainer.checkpoint(path))
+
+
+def resumed_epoch(trainer, path) -> int:
+    """The epoch `trainer` resumes after, from the checkpoint at `path` (0: it starts afresh)."""
+    start(trainer, path)
+    return trainer.state.epoch
 
 
 def test_same_seed_gives_the_same_metrics_and_another_seed_does_not(small_data, tmp_path):
@@ -87,17 +94,17 @@ def interrupt_after(params, data, path, epoch: int) -> None:
         if finished == epoch:
             raise Interrupted
 
-    broken = Trainer(params, data)
+    broken = make_trainer(params, data)
     with pytest.raises(Interrupted):
         broken.fit(start(broken, path), broken.checkpoint(path), on_epoch=interrupt)
 
 
 def resume(params, data, path, epoch: int):
     """Resume the interrupted training at `path` (asserting it resumes after `epoch`) and finish it."""
-    resumed = Trainer(params, data)
-    state = start(resumed, path)
-    assert state.epoch == epoch
-    return resumed, resumed.fit(state, resumed.checkpoint(path))
+    resumed = make_trainer(params, data)
+    progress = start(resumed, path)
+    assert resumed.state.epoch == epoch and len(progress.history) == epoch
+    return resumed, resumed.fit(progress, resumed.checkpoint(path))
 
 
 def assert_same_weights(trainer, other):
@@ -147,46 +154,54 @@ def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, 
 def test_train_deterministic_is_tensorflows_op_determinism(small_data, monkeypatch, deterministic):
     enabled = []
     monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
-    Trainer(small_params(deterministic=deterministic), small_data)
+    make_trainer(small_params(deterministic=deterministic), small_data)
     assert enabled == ([True] if deterministic else [])
 
 
 def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):
     train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
-    other = Trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
-    assert start(other, tmp_path / "c.npz").epoch == 0
-    same = Trainer(small_params(epochs=1), small_data)
-    assert start(same, tmp_path / "c.npz").epoch == 1
+    other = make_trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
+    assert resumed_epoch(other, tmp_path / "c.npz") == 0
+    same = make_trainer(small_params(epochs=1), small_data)
+    assert resumed_epoch(same, tmp_path / "c.npz") == 1
 
 
 @pytest.mark.reliability
 def test_a_damaged_checkpoint_starts_afresh(small_data, tmp_path):
     (tmp_path / "c.npz").write_bytes(b"not a checkpoint")
-    assert start(Trainer(small_params(), small_data), tmp_path / "c.npz").epoch == 0
+    assert resumed_epoch(make_trainer(small_params(), small_data), tmp_path / "c.npz") == 0
 
 
 @pytest.mark.reliability
-def test_a_whole_checkpoint_that_does_not_fit_the_model_starts_afresh_with_the_initial_variables(small_data, tmp_path,
-                                                                                                 caplog):
+@pytest.mark.parametrize("damage", ["a variable missing", "a variable unknown", "a shape changed"])
+def test_a_whole_checkpoint_that_does_not_fit_the_state_starts_afresh_with_the_initial_variables(small_data, tmp_path,
+                                                                                                caplog, damage):
     trained, _ = train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
     with np.load(tmp_path / "c.npz") as saved:
-        arrays = {name: saved[name] for name in saved.files if name != "optimizer_003"}
-    with open(tmp_path / "c.npz", "wb") as handle:  # one optimizer variable short: the weights fit, the rest not
+        arrays = {name: saved[name] for name in saved.files}
+    kernel = "variables/model/encoder/encoder_conv_1/kernel"
+    if damage == "a variable missing":
+        del arrays["variables/optimizer/adam/iteration"]
+    elif damage == "a variable unknown":
+        arrays["variables/model/encoder/encoder_conv_3/kernel"] = arrays[kernel]
+    else:
+        arrays[kernel] = arrays[kernel][..., :16]
+    with open(tmp_path / "c.npz", "wb") as handle:  # whole, and of this fingerprint, but not of this state
         np.savez(handle, **arrays)
-    fresh = Trainer(small_params(epochs=1), small_data)
-    initial = fresh.checkpoint(tmp_path / "c.npz").variables()
-    assert start(fresh, tmp_path / "c.npz").epoch == 0
-    assert "is damaged" in caplog.text
-    after = fresh.checkpoint(tmp_path / "c.npz").variables()
-    for a, b in zip(after.model_weights + after.optimizer_variables, initial.model_weights +
-                    initial.optimizer_variables, strict=True):
-        np.testing.assert_array_equal(a, b)  # not the saved weights, which were assigned before the mismatch
-    assert not np.array_equal(after.model_weights[0], trained.model.get_weights()[0])
+    fresh = make_trainer(small_params(epochs=1), small_data)
+    initial = fresh.state.snapshot().variables
+    assert resumed_epoch(fresh, tmp_path / "c.npz") == 0
+    assert "is damaged" in caplog.text and ("iteration" in caplog.text or "encoder_conv_" in caplog.text)
+    after = fresh.state.snapshot().variables
+    assert after.keys() == initial.keys()
+    for name in after:
+        np.testing.assert_array_equal(after[name], initial[name])  # nothing of the file was assigned
+    assert not np.array_equal(after["model/" + kernel.split("/", 2)[2]], trained.model.get_weights()[0])
 
 
 @pytest.mark.reliability
 def test_divergence_stops_at_once_naming_epoch_and_step(small_data, tmp_path):
-    trainer = Trainer(small_params(learning_rate=1e30), small_data)
+    trainer = make_trainer(small_params(learning_rate=1e30), small_data)
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+; try a lower train.learning_rate"):
         trainer.fit(start(trainer, tmp_path / "c.npz"), trainer.checkpoint(tmp_path / "c.npz"))
     assert not (tmp_path / "c.npz").exists()
@@ -213,10 +228,10 @@ def test_steps_per_call_changes_the_loop_not_the_numbers(small_data, tmp_path):
 
 
 def test_divergence_inside_a_chunk_names_the_exact_step(small_data, tmp_path):
-    per_step = Trainer(small_params(learning_rate=1e30), small_data)
+    per_step = make_trainer(small_params(learning_rate=1e30), small_data)
     with pytest.raises(TrainingError) as first:
         per_step.train_epoch(1)
-    chunked = Trainer(small_params(learning_rate=1e30, steps_per_call=16), small_data)
+    chunked = make_trainer(small_params(learning_rate=1e30, steps_per_call=16), small_data)
     with pytest.raises(TrainingError) as second:
         chunked.train_epoch(1)
     assert str(first.value) == str(second.value)
@@ -225,7 +240,7 @@ def test_divergence_inside_a_chunk_names_the_exact_step(small_data, tmp_path):
 @pytest.mark.reliability
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
 def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad):
-    trainer = Trainer(small_params(steps_per_call=4), small_data)
+    trainer = make_trainer(small_params(steps_per_call=4), small_data)
     compiled, calls = trainer._train_steps, []
 
     def poisoned(iterator, count):
@@ -279,11 +294,11 @@ def test_a_run_resumed_mid_schedule_ends_where_an_uninterrupted_one_does(small_d
         if epoch == 1:
             raise Interrupted
 
-    broken = Trainer(params, small_data)
+    broken = make_trainer(params, small_data)
     with pytest.raises(Interrupted):
         broken.fit(start(broken, tmp_path / "resumed.npz"), broken.checkpoint(tmp_path / "resumed.npz"),
                    on_epoch=stop_after_epoch_1)
-    resumed = Trainer(params, small_data)
+    resumed = make_trainer(params, small_data)
     state = resumed.fit(start(resumed, tmp_path / "resumed.npz"), resumed.checkpoint(tmp_path / "resumed.npz"))
     assert timeless(state.history) == timeless(whole_state.history)
     assert [row["epoch"] for row in state.history] == [1, 2, 3]
@@ -292,39 +307,40 @@ def test_a_run_resumed_mid_schedule_ends_where_an_uninterrupted_one_does(small_d
 
 
 def test_an_epoch_is_checkpointed_while_the_next_one_trains(small_data, tmp_path, monkeypatch):
-    from cvae_pipeline.training import checkpoints
+    from cvae_pipeline.training.checkpoints import Checkpoint
 
     next_epoch_started = threading.Event()
-    original_train_epoch, original_save = Trainer.train_epoch, checkpoints.save
+    original_train_epoch, original_save = Trainer.train_epoch, Checkpoint.save
 
     def train_epoch(self, epoch, batches=None):
         if epoch == 2:
             next_epoch_started.set()
         return original_train_epoch(self, epoch, batches)
 
-    def save(path, key, state, variables):
-        if state.epoch == 1:  # a slow disk: epoch 1's write finishes only once epoch 2 is training
+    def save(self, snapshot, progress, finished=False):
+        if snapshot.epoch == 1:  # a slow disk: epoch 1's write finishes only once epoch 2 is training
             assert next_epoch_started.wait(60), "training waited for the checkpoint"
-        original_save(path, key, state, variables)
+        original_save(self, snapshot, progress, finished)
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
-    monkeypatch.setattr(checkpoints, "save", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     # No average of the weights: the model keeps the weights the checkpoint holds.
     trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0), small_data, tmp_path / "c.npz")
     with np.load(tmp_path / "c.npz") as saved:  # fit returns once the last epoch's checkpoint is on disk
         assert int(saved["epoch"]) == 2
-        np.testing.assert_array_equal(saved["model_000"], trainer.model.get_weights()[0])
+        np.testing.assert_array_equal(saved["variables/model/encoder/encoder_conv_1/kernel"],
+                                      trainer.model.get_weights()[0])
     elapsed = [row["elapsed_seconds"] for row in state.history]
     assert 0 < elapsed[0] < elapsed[1]
 
 
 def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, monkeypatch):
-    from cvae_pipeline.training import checkpoints
+    from cvae_pipeline.training.checkpoints import Checkpoint
 
-    def save(path, key, state, variables):
+    def save(self, snapshot, progress, finished=False):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoints, "save", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     with pytest.raises(OSError, match="No space left"):
         train_fresh(small_params(epochs=3), small_data, tmp_path / "c.npz")
 
@@ -363,7 +379,7 @@ def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights
         trainer, state = train_fresh(small_params(epochs=2, ema_momentum=0.9, precision=precision), small_data,
                                      tmp_path / "c.npz")
         with np.load(tmp_path / "c.npz") as saved:  # the checkpoint keeps the weights themselves, to resume from
-            weights = [saved[f"model_{i:03d}"] for i in range(len(trainer.model.weights))]
+            weights = [saved[f"variables/model/{variable.path}"] for variable in trainer.model.weights]
         model = [w.astype(np.float32) for w in trainer.model.get_weights()]
         assert not all(np.allclose(a, b) for a, b in zip(weights, model, strict=True))
         scored = state.history[-1]["test_elbo"]

@@ -7,14 +7,14 @@ import tensorflow as tf
 from cvae_pipeline.model.losses import elbo_terms
 from cvae_pipeline.model.network import build_cvae
 from cvae_pipeline.training.loop import Trainer
-from helpers import params_with
+from helpers import make_trainer, params_with
 
 BFLOAT16 = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "eval_limit": None,
             "precision": "mixed_bfloat16", "ema_momentum": 0}
 
 
 def bfloat16_trainer(data) -> Trainer:
-    return Trainer(params_with(model={"latent_dim": 4}, train=BFLOAT16), data)
+    return make_trainer(params_with(model={"latent_dim": 4}, train=BFLOAT16), data)
 
 
 def float32_copy(trainer: Trainer):
