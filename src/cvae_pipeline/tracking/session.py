@@ -16,17 +16,18 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cvae_pipeline.config import Params, TrackingParams
-from cvae_pipeline.errors import TrackingError, UserInputError
+from cvae_pipeline.errors import TrackingError
 from cvae_pipeline.tracking.store import (
+    HOST,
     URI_ENV,
-    artifact_location,
+    ensure_experiment,
+    reap_dead_runs,
     store_errors,
     store_lock,
     tracking_uri,
@@ -35,7 +36,6 @@ from cvae_pipeline.tracking.store import (
 
 log = logging.getLogger(__name__)
 
-HOST = socket.gethostname()
 Result = TypeVar("Result")
 
 
@@ -53,46 +53,6 @@ def flatten(params: Params) -> dict[str, str]:
 
     walk("", params.model_dump())
     return flat
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def reap_dead_runs(client, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs still RUNNING whose process on this host is gone (a kill -9, a crash). Their ids."""
-    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{HOST}'")
-    dead = [run.info.run_id for run in runs
-            if run.data.tags.get("pid", "").isdigit() and not _process_alive(int(run.data.tags["pid"]))]
-    for run_id in dead:
-        client.set_terminated(run_id, "KILLED")
-        log.warning("MLflow run %s was left RUNNING by a process that died: marked KILLED", run_id)
-    return dead
-
-
-def ensure_experiment(client, name: str, uri: str) -> str:
-    """The experiment's id, created if needed, tolerating a concurrent creation by another stage."""
-    from mlflow.exceptions import MlflowException  # deferred: importing MLflow costs seconds
-
-    with store_lock(uri):
-        existing = client.get_experiment_by_name(name)
-        if existing is not None:
-            return existing.experiment_id
-        try:
-            # Opens in the UI's model-training view rather than its GenAI view.
-            return client.create_experiment(name, artifact_location=artifact_location(uri),
-                                            tags={"mlflow.experimentKind": "custom_model_development"})
-        except MlflowException as error:
-            existing = client.get_experiment_by_name(name)
-            if existing is None:
-                raise UserInputError(f"MLflow at {uri}: cannot create experiment {name!r} ({error})") from None
-            return existing.experiment_id
 
 
 class Session:

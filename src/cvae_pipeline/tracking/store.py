@@ -1,4 +1,5 @@
-"""Where the MLflow store is, and whether it answers.
+"""Where the MLflow store is, whether it answers, and its housekeeping: the experiment, and runs left RUNNING by
+processes that died.
 
 The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
 stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
@@ -7,13 +8,20 @@ stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exp
 
 import contextlib
 import fcntl
+import logging
 import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from cvae_pipeline.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
 URI_ENV = "MLFLOW_TRACKING_URI"
+HOST = socket.gethostname()  # runs are tagged with it: a dead process's runs are judged on their own host
 DVC_ROOT_ENV = "DVC_ROOT"  # DVC sets it for every stage; for a queued experiment, to the main repository
 _EXPERIMENT_COPY = (".dvc", "tmp", "exps")
 PROBE_TIMEOUT = 5.0  # seconds per attempt to reach a tracking server ...
@@ -96,3 +104,43 @@ def unanswered(uri: str) -> str | None:
         except (OSError, ValueError) as error:
             problem = str(getattr(error, "reason", None) or error)
     return problem
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def reap_dead_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process on this host is gone (a kill -9, a crash). Their ids."""
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{HOST}'")
+    dead = [run.info.run_id for run in runs
+            if run.data.tags.get("pid", "").isdigit() and not _process_alive(int(run.data.tags["pid"]))]
+    for run_id in dead:
+        client.set_terminated(run_id, "KILLED")
+        log.warning("MLflow run %s was left RUNNING by a process that died: marked KILLED", run_id)
+    return dead
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, created if needed, tolerating a concurrent creation by another stage."""
+    from mlflow.exceptions import MlflowException  # deferred: importing MLflow costs seconds
+
+    with store_lock(uri):
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        try:
+            # Opens in the UI's model-training view rather than its GenAI view.
+            return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                            tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException as error:
+            existing = client.get_experiment_by_name(name)
+            if existing is None:
+                raise UserInputError(f"MLflow at {uri}: cannot create experiment {name!r} ({error})") from None
+            return existing.experiment_id
