@@ -27,7 +27,7 @@ def succeeds(command: list[str], cwd, **env) -> str:
 
 def test_the_default_remote_is_a_directory_beside_the_repository(tmp_path):
     repo = make_repo_copy(tmp_path / "repo")
-    remotes = succeeds(["dvc", "remote", "list"], repo)
+    remotes = succeeds(["dvc", "remote", "list"], repo, COLUMNS="1000")  # rich wraps a long path at 80 columns
     assert remotes.split()[:2] == ["storage", str(tmp_path / "dvc-storage")]  # beside the repository
     assert succeeds(["dvc", "config", "core.remote"], repo).strip() == "storage"
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_config import BROKEN
 
+from bad_params import BROKEN
 from helpers import (
     IDX_NAMES,
     TINY,
