@@ -50,6 +50,9 @@ N ?= 64
 SEED ?= 0
 OUT ?= reports/samples.png
 MANIFOLD ?= 0
+# make test / unit / smoke: pytest-xdist workers. One more than the cores (at most 8): an end-to-end test spends about
+# a third of its time waiting on its subprocesses, while another worker can use the core.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n + 1 : 8 )))
 
 .PHONY: repro test unit smoke lint venv lock clean-venv ui mlflow-server compare sweep promote sample bench
 
@@ -83,16 +86,16 @@ lint: $(STAMP)
 # Everything CI runs: lint, then every test, one pytest-xdist worker per core. A file's tests stay on one worker,
 # which builds the fixtures they share (a trained copy of the pipeline, a sweep) once.
 test: lint
-	pytest -n auto --dist loadfile
+	pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tests alone (tests/unit/, not the slow ones), in parallel: the quick loop while changing the code.
 unit: $(STAMP)
-	pytest tests/unit -n auto -m "not slow"
+	pytest tests/unit -n $(TEST_WORKERS) -m "not slow"
 
 # What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
 # small `dvc repro` end to end, in a few minutes.
 smoke: $(STAMP)
-	pytest -n auto --dist loadfile -m "smoke or not (slow or reliability)"
+	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability)"
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)

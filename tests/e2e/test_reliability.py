@@ -80,7 +80,7 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
                 # Every array reads back (a torn zip would not), and all of them are of the same epoch.
                 arrays = {name: saved[name] for name in saved.files}
                 assert len(json.loads(str(arrays["history"]))) == epoch and len(arrays["grids"]) == epoch + 1
-                assert sum(name.startswith("model_") for name in arrays) == 14  # 7 layers: kernel and bias each
+                assert sum(name.startswith("variables/model/") for name in arrays) == 14  # 7 layers: kernel, bias
         else:
             epochs_at_kill.append(0)
     assert epochs_at_kill == sorted(epochs_at_kill) and epochs_at_kill[-1] < KILL_EPOCHS, epochs_at_kill
