@@ -50,9 +50,9 @@ N ?= 64
 SEED ?= 0
 OUT ?= reports/samples.png
 MANIFOLD ?= 0
-# make test / unit / smoke: pytest-xdist workers. One more than the cores (at most 8): an end-to-end test spends about
-# a third of its time waiting on its subprocesses, while another worker can use the core.
-TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n + 1 : 8 )))
+# make test / unit / smoke: pytest-xdist workers, one per core (more made the whole suite no faster on 2 cores:
+# docs/testing.md).
+TEST_WORKERS ?= auto
 
 .PHONY: repro test unit smoke lint venv lock clean-venv ui mlflow-server compare sweep promote sample bench
 
@@ -88,9 +88,9 @@ lint: $(STAMP)
 test: lint
 	pytest -n $(TEST_WORKERS) --dist loadfile
 
-# The unit tests alone (tests/unit/, not the slow ones), in parallel: the quick loop while changing the code.
+# The unit tests alone (tests/unit/), in parallel, but those that train a model: the quick loop while changing code.
 unit: $(STAMP)
-	pytest tests/unit -n $(TEST_WORKERS) -m "not slow"
+	pytest tests/unit -n $(TEST_WORKERS) -m "not (slow or training)"
 
 # What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
 # small `dvc repro` end to end, in a few minutes.

@@ -15,6 +15,8 @@ from cvae_pipeline.training.loop import TIMING_COLUMNS, Trainer
 from cvae_pipeline.training.stage import final_metrics
 from helpers import make_trainer, params_with
 
+pytestmark = pytest.mark.training  # every test here trains a model for real
+
 FAST = {"batch_size": 32, "learning_rate": 1e-3, "schedule": "constant", "epochs": 2, "eval_limit": None}
 
 
