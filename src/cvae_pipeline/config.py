@@ -6,6 +6,7 @@ stage does work and reports the first problem as one line that names the key pat
 `"3"` for 3, no `true` for 1); the one-line message is made here from its first error.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -117,6 +118,21 @@ class Params(Section):
     visualize: VisualizeParams
     tracking: TrackingParams
     registry: RegistryParams
+
+    def flat(self) -> dict[str, str]:
+        """`{"train.batch_size": "100", ...}`: every param by its key path, valued as params.yaml spells it (null,
+        false, [32, 64]; strings bare), as MLflow records params."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    walk(f"{prefix}{key}.", inner)
+            else:
+                flat[prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
+
+        walk("", self.model_dump())
+        return flat
 
 
 class _Loader(yaml.SafeLoader):

@@ -3,12 +3,13 @@
 import sys
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from bad_params import BROKEN, edited, set_key, with_learning_rate
 from cvae_pipeline.config import ModelParams, Params, load_params, parse_params
 from cvae_pipeline.errors import ParamsError
-from helpers import REPO, run
+from helpers import REPO, params_with, run
 
 
 def test_shipped_params_load_as_typed_frozen_objects():
@@ -67,3 +68,15 @@ def test_bad_params_stop_the_stage_with_status_2_one_line_and_no_output(tmp_path
     assert result.returncode == 2
     assert result.stderr.strip() == f"{params}: train.batch_size must be a positive integer, got -3"
     assert not any(path.exists() for path in outputs.values())
+
+
+def test_params_are_flattened_as_params_yaml_spells_them():
+    flat = params_with(train={"batch_size": 64}).flat()
+    assert flat["train.batch_size"] == "64"
+    assert flat["data.train_limit"] == "null"
+    assert flat["train.jit_compile"] == "auto" and flat["train.deterministic"] == "true"
+    assert flat["model.encoder_filters"] == "[32, 64]"
+    assert flat["train.kl"] == "analytic"
+    assert flat["seed"] == "0"
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert len(flat) == sum(len(section) for section in shipped.values() if isinstance(section, dict)) + 1  # + seed

@@ -32,7 +32,8 @@ import pandas as pd
 from cvae_pipeline.config import Params
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_json_atomic
-from cvae_pipeline.tracking.session import HOST, Session, flatten
+from cvae_pipeline.tracking.session import Session
+from cvae_pipeline.tracking.store import HOST
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,13 @@ def read_run_id(path: str | Path) -> str | None:
 
 
 def params_digest(params: Params) -> str:
-    """A short digest of every param as flattened for MLflow."""
-    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode()).hexdigest()[:16]
+    """A short digest of every param as MLflow records them."""
+    return hashlib.sha256(json.dumps(params.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def changed_params(logged: dict[str, str], params: Params, shown: int = 5) -> str:
     """What differs between a run's logged params and `params`: "evaluate.iwae_k: 5 -> 7", the first few."""
-    now = flatten(params)
+    now = params.flat()
     changed = sorted(key for key in logged.keys() | now.keys() if logged.get(key) != now.get(key))
     described = [f"{key}: {logged.get(key, 'unset')} -> {now.get(key, 'unset')}" for key in changed[:shown]]
     if len(changed) > shown:

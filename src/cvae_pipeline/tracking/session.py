@@ -13,7 +13,6 @@ metric is logged once per step, a model once per run.
 """
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -24,10 +23,9 @@ from typing import Any, TypeVar
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError
 from cvae_pipeline.tracking.store import (
-    HOST,
     URI_ENV,
     ensure_experiment,
-    reap_dead_runs,
+    start_run,
     store_errors,
     store_lock,
     tracking_uri,
@@ -37,22 +35,6 @@ from cvae_pipeline.tracking.store import (
 log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
-
-
-def flatten(params: Params) -> dict[str, str]:
-    """`{"train.batch_size": "100", ...}`: every param, by its key path in params.yaml."""
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            # As params.yaml spells them: null, false, [32, 64]; strings bare.
-            flat[prefix.rstrip(".")] = value if isinstance(value, str) else json.dumps(value)
-
-    walk("", params.model_dump())
-    return flat
 
 
 class Session:
@@ -184,7 +166,7 @@ class Session:
         if os.environ.pop("MLFLOW_RUN_ID", None):
             log.warning("ignoring MLFLOW_RUN_ID from the environment: the pipeline chooses its own run")
         experiment_id = self.experiment_id()
-        run = self.call(lambda client: self._start(client, experiment_id, run_id, run_name, {**(tags or {})}))
+        run = self.call(lambda client: start_run(client, experiment_id, run_id, run_name, tags or {}))
         if run is None:
             yield None
             return
@@ -199,20 +181,6 @@ class Session:
             self._end("FAILED", monitor)
             raise
         self._end("FINISHED", monitor)
-
-    @staticmethod
-    def _start(client, experiment_id: str, run_id: str | None, run_name: str | None, tags: dict[str, str]):
-        from mlflow.entities import RunTag
-        from mlflow.tracking.context.registry import resolve_tags  # the source tags MLflow's start_run adds
-
-        tags.update(host=HOST, pid=str(os.getpid()))
-        if run_id:  # claimed before it is RUNNING again, so no other stage takes it for a dead process's run
-            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-        reap_dead_runs(client, experiment_id)
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-            return client.get_run(run_id)
-        return client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(tags))
 
     def _monitor(self, resumed: bool):
         """MLflow's sampler of system metrics, logging into the open run; None (and a warning) if it cannot start."""
@@ -245,7 +213,7 @@ class Session:
         from mlflow.entities import Param
 
         self._write(lambda client, run_id: client.log_batch(
-            run_id, params=[Param(key, value) for key, value in flatten(params).items()]))
+            run_id, params=[Param(key, value) for key, value in params.flat().items()]))
 
     def log_missing_epochs(self, history: list[dict]) -> None:
         """The epochs of `history` (rows with an "epoch") that the run does not hold yet, each at its epoch as

@@ -1,5 +1,5 @@
-"""Where the MLflow store is, whether it answers, and its housekeeping: the experiment, and runs left RUNNING by
-processes that died.
+"""Where the MLflow store is, whether it answers, and its housekeeping: the experiment, starting a run, and runs left
+RUNNING by processes that died.
 
 The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
 stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
@@ -125,6 +125,23 @@ def reap_dead_runs(client, experiment_id: str) -> list[str]:
         client.set_terminated(run_id, "KILLED")
         log.warning("MLflow run %s was left RUNNING by a process that died: marked KILLED", run_id)
     return dead
+
+
+def start_run(client, experiment_id: str, run_id: str | None, run_name: str | None, tags: dict[str, str]):
+    """A new run with `tags` (plus this process's host and pid, and the source tags MLflow's `start_run` adds), or the
+    run `run_id` set RUNNING again: claimed by this process before any dead process's runs are reaped, so no other
+    stage takes it for one."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {**tags, "host": HOST, "pid": str(os.getpid())}
+    if run_id:
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    reap_dead_runs(client, experiment_id)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return client.get_run(run_id)
+    return client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(tags))
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:

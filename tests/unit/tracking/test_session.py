@@ -1,4 +1,4 @@
-"""The stage's MLflow session: how params are flattened, how runs open and end, and a store that fails."""
+"""The stage's MLflow session: how runs open and end, and a store that fails."""
 
 import contextlib
 import os
@@ -7,27 +7,15 @@ import subprocess
 
 import mlflow
 import pytest
-import yaml
 
 from cvae_pipeline.config import TrackingParams
 from cvae_pipeline.evaluation.train_outputs import Upstream
 from cvae_pipeline.tracking import runs as records
 from cvae_pipeline.tracking import session as tracking
-from helpers import REPO, params_with
+from cvae_pipeline.tracking.store import HOST
+from helpers import params_with
 
 CFG = TrackingParams(experiment="e", sweep=None, required=True)
-
-
-def test_params_are_flattened_as_params_yaml_spells_them():
-    flat = tracking.flatten(params_with(train={"batch_size": 64}))
-    assert flat["train.batch_size"] == "64"
-    assert flat["data.train_limit"] == "null"
-    assert flat["train.jit_compile"] == "auto" and flat["train.deterministic"] == "true"
-    assert flat["model.encoder_filters"] == "[32, 64]"
-    assert flat["train.kl"] == "analytic"
-    assert flat["seed"] == "0"
-    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert len(flat) == sum(len(section) for section in shipped.values() if isinstance(section, dict)) + 1  # + seed
 
 
 @pytest.fixture
@@ -97,11 +85,11 @@ def dead_pid() -> int:
 def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     client = mlflow.MlflowClient()
     experiment_id = tracking.Session(CFG).experiment_id()
-    orphan = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(dead_pid())})
-    alive = client.create_run(experiment_id, tags={"host": tracking.HOST, "pid": str(os.getpid())})
+    orphan = client.create_run(experiment_id, tags={"host": HOST, "pid": str(dead_pid())})
+    alive = client.create_run(experiment_id, tags={"host": HOST, "pid": str(os.getpid())})
     elsewhere = client.create_run(experiment_id, tags={"host": "another-machine", "pid": str(dead_pid())})
     with tracking.Session(CFG).open_run() as run:
-        assert run.data.tags["pid"] == str(os.getpid()) and run.data.tags["host"] == tracking.HOST
+        assert run.data.tags["pid"] == str(os.getpid()) and run.data.tags["host"] == HOST
     assert status_of(orphan.info.run_id) == "KILLED"
     assert status_of(alive.info.run_id) == "RUNNING"  # a live process, e.g. another sweep worker
     assert status_of(elsewhere.info.run_id) == "RUNNING"  # its host's own stages will judge it
@@ -178,7 +166,7 @@ def test_a_bug_in_what_is_logged_is_raised_as_it_is_not_taken_for_a_failed_store
 def test_a_run_being_reopened_is_claimed_before_it_is_running_so_no_stage_takes_it_for_a_dead_one(store, monkeypatch):
     client = mlflow.MlflowClient()
     previous = client.create_run(tracking.Session(CFG).experiment_id(),
-                                 tags={"host": tracking.HOST, "pid": str(dead_pid())})
+                                 tags={"host": HOST, "pid": str(dead_pid())})
     client.set_terminated(previous.info.run_id, "KILLED")
     owners_at_reopening = []
     update_run = mlflow.MlflowClient.update_run
