@@ -95,7 +95,7 @@ unit: $(STAMP)
 # What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
 # small `dvc repro` end to end, in a few minutes.
 smoke: $(STAMP)
-	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability)"
+	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability or training)"
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)

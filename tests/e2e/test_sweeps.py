@@ -1,6 +1,7 @@
 """Sweeps: `dvc exp run --queue` with 2 workers into the main repository's MLflow store; the UI; the comparison."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from helpers import (
 from team_services import server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-ROUNDS = 3  # the whole sweep, and every test of it, three times in a row: a race shows up as a flaky round
+# The whole sweep, and every test of it, this many times in a row: a race shows up as a flaky round. Once in
+# `make test`; CVAE_SWEEP_ROUNDS=3 (or more) hunts a suspected race (docs/testing.md).
+ROUNDS = int(os.environ.get("CVAE_SWEEP_ROUNDS", "1"))
 
 SWEEP = "model.latent_dim=2,3 train.epochs=1,2 tracking.sweep=grid"  # 4 experiments
 QUEUE_TIMEOUT_S = 900
