@@ -154,7 +154,8 @@ def mlflow() -> dict:
             for step in range(1, 21):
                 began = time.perf_counter()
                 session.log_metrics({name: float(step) for name in ("train_loss", "epoch_seconds", "eval_seconds",
-                                     "images_per_second", "test_elbo", "test_reconstruction", "test_kl",
+                                     "images_per_second", "validation_elbo", "validation_reconstruction",
+                                     "validation_kl",
                                     "learning_rate", "elapsed_seconds")}, step)
                 epoch_costs.append(time.perf_counter() - began)
             model_file = Path(folder) / "model.keras"

@@ -178,10 +178,11 @@ def summarize_stages(results: dict, summary: dict) -> None:
                                    "between_epochs_max": max(shares), "scoring_seconds": statistics.median(scoring)}
     ttq = results.get("time_to_quality")
     if ttq:
-        reached = [row for row in ttq["history"] if row["test_elbo"] >= TUTORIAL_ELBO]
+        split = "validation" if "validation_elbo" in ttq["history"][-1] else "test"  # what each epoch scored
+        reached = [row for row in ttq["history"] if row[f"{split}_elbo"] >= TUTORIAL_ELBO]
         summary["time_to_quality"] = {"epoch": reached[0]["epoch"] if reached else None,
                                       "seconds": reached[0]["elapsed_seconds"] if reached else None,
-                                      "final_test_elbo": ttq["history"][-1]["test_elbo"]}
+                                      "split": split, "final_elbo": ttq["history"][-1][f"{split}_elbo"]}
         if reference and reached:
             shorts = [run for run in yardstick_runs if run["epochs"] == STAGE_EPOCHS[0]]
             short = statistics.median(run["seconds"] for run, left_out in zip(shorts, yardstick_noisy, strict=True)

@@ -1,4 +1,5 @@
-"""prepare stage: fetch and verify MNIST, binarize it, write the prepared arrays and a data summary."""
+"""prepare stage: fetch and verify MNIST, hold a validation set out of the training images, binarize, write the
+prepared arrays and a data summary."""
 
 import sys
 from pathlib import Path
@@ -17,10 +18,9 @@ def main() -> None:
     args = stage_arguments(__doc__, ["manifest", "raw_dir", "prepared", "summary"])
     params = load_params(args.params)
     manifest = load_manifest(args.manifest)
-    limits = {"train": params.data.train_limit, "test": params.data.test_limit}
-    data = prepare(manifest, Path(args.raw_dir), params.data.threshold, limits)
+    data = prepare(manifest, Path(args.raw_dir), params.data)
     save_prepared(data, args.prepared)
-    write_json_atomic(args.summary, summarize(data, params.data.threshold))
+    write_json_atomic(args.summary, summarize(data, params.data))
 
 
 if __name__ == "__main__":

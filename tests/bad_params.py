@@ -34,6 +34,8 @@ BROKEN = [
     ("negative batch", edited(set_key("train", "batch_size", -3)),
      "params.yaml: train.batch_size must be a positive integer, got -3"),
     ("zero epochs", edited(set_key("train", "epochs", 0)), "train.epochs must be a positive integer, got 0"),
+    ("negative validation size", edited(set_key("data", "validation_size", -1)),
+     "data.validation_size must be an integer >= 0, got -1"),
     ("float latent", edited(set_key("model", "latent_dim", 2.5)),
      "model.latent_dim must be a positive integer, got 2.5"),
     ("bool latent", edited(set_key("model", "latent_dim", True)),

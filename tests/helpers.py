@@ -147,7 +147,8 @@ def params_with(**sections):
 # --- end-to-end runs in a repository copy ------------------------------------------------------------------------
 
 # float32: emulated bfloat16 trains several times slower on CPUs without AVX512-BF16 or AMX (docs/performance.md).
-TINY = {"model": {"latent_dim": 2},
+TINY = {"data": {"validation_size": 100},  # of the fake MNIST's 300 training images
+        "model": {"latent_dim": 2},
         "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3, "precision": "float32"}}
 
 

@@ -52,6 +52,8 @@ class Section(BaseModel):
 
 class DataParams(Section):
     threshold: float = allows("a number in (0, 1)", gt=0, lt=1)
+    validation_size: int = allows("an integer >= 0", ge=0)
+    validation_seed: int = allows("an integer >= 0", ge=0)
     train_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
     test_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
 

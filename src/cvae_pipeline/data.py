@@ -3,7 +3,9 @@
 The dataset manifest (a committed JSON file, a dependency of the prepare stage) lists the HTTPS mirrors
 and, for each of the four files, its name, image count and the published MD5 of its uncompressed bytes.
 Raw files are kept uncompressed in a DVC-tracked folder; a file already there with the right MD5 is not
-fetched again. The prepared output is one `.npz` (no pickle) holding bit-packed 0/1 images and labels.
+fetched again. The prepared output is one `.npz` (no pickle) holding bit-packed 0/1 images and labels of three splits:
+the training images, the validation images (`data.validation_size` of the 60,000 training images, chosen at random by
+`data.validation_seed`, never trained on) and the test images; each with its images' positions in their IDX file.
 """
 
 import gzip
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cvae_pipeline.errors import DataError
+from cvae_pipeline.config import DataParams
+from cvae_pipeline.errors import DataError, ParamsError
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,8 @@ SIDE = 28
 PIXELS = SIDE * SIDE
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
-SPLITS = ("train", "test")
+IDX_SPLITS = ("train", "test")  # the splits of the IDX files
+SPLITS = ("train", "validation", "test")  # the splits of the prepared data
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -57,13 +61,21 @@ class Manifest:
 class Split:
     images: np.ndarray  # (n, 28, 28) uint8 in {0, 1}
     labels: np.ndarray  # (n,) uint8 in 0..9
+    indices: np.ndarray | None = None  # (n,) each image's position in its IDX file
 
 
 @dataclass(frozen=True)
 class PreparedData:
     train: Split
     test: Split
+    validation: Split | None = None  # None: no validation set (data.validation_size 0, the tutorial)
     source: Path | None = None  # the file it was read from, which MLflow records as the runs' dataset
+
+    @property
+    def selection(self) -> tuple[str, Split]:
+        """The split that every per-epoch score and every choice reads, and its name: the validation set, or the test
+        set where there is none (the tutorial's way)."""
+        return ("validation", self.validation) if self.validation is not None else ("test", self.test)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -83,7 +95,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def _file_keys() -> list[str]:
-    return [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+    return [f"{split}_{kind}" for split in IDX_SPLITS for kind in ("images", "labels")]
 
 
 def parse_idx(raw: bytes, spec: FileSpec) -> np.ndarray:
@@ -221,25 +233,47 @@ def binarize(images: np.ndarray, threshold: float) -> np.ndarray:
     return (images.astype(np.float32) / np.float32(255.0) >= np.float32(threshold)).astype(np.uint8)
 
 
-def prepare(manifest: Manifest, raw_dir: Path, threshold: float,
-            limits: dict[str, int | None]) -> PreparedData:
-    """Fetch and verify all four files, then binarize the first `limits[split]` images of each split."""
+def split_validation(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the training and of the validation images among `count` training images: `size` of them,
+    drawn at random by `seed`, for validation; each list in the IDX file's order."""
+    if size >= count:
+        raise ParamsError(f"params.yaml: data.validation_size must be less than the {count} training images, "
+                          f"got {size}")
+    chosen = np.zeros(count, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(count, size, replace=False)] = True
+    return np.flatnonzero(~chosen), np.flatnonzero(chosen)
+
+
+def prepare(manifest: Manifest, raw_dir: Path, cfg: DataParams) -> PreparedData:
+    """Fetch and verify all four files, hold the validation set out of the training images, keep the first
+    `train_limit` training and `test_limit` test images, and binarize them."""
     arrays = fetch_all(manifest, raw_dir)
+    train, validation = split_validation(len(arrays["train_images"]), cfg.validation_size, cfg.validation_seed)
+    positions = {"train": train[:cfg.train_limit], "validation": validation,
+                 "test": np.arange(len(arrays["test_images"]))[:cfg.test_limit]}
     splits = {}
-    for split in SPLITS:
-        limit = limits[split]
-        splits[split] = Split(binarize(arrays[f"{split}_images"][:limit], threshold),
-                              arrays[f"{split}_labels"][:limit].copy())
+    for split, chosen in positions.items():
+        source = "test" if split == "test" else "train"
+        splits[split] = Split(binarize(arrays[f"{source}_images"][chosen], cfg.threshold),
+                              arrays[f"{source}_labels"][chosen], chosen)
+    if not len(validation):
+        splits["validation"] = None
+        log.info("data.validation_size is 0: no validation set; every per-epoch score and every choice of an epoch "
+                 "or a run reads the test set, as the tutorial does, so its test numbers are no longer unbiased")
     return PreparedData(**splits)
 
 
 def save_prepared(data: PreparedData, path: str | Path) -> None:
-    """One `.npz` with bit-packed images (98 bytes an image) and labels, written atomically."""
+    """One `.npz` with bit-packed images (98 bytes an image), labels and positions, written atomically."""
     arrays = {}
     for split in SPLITS:
-        part: Split = getattr(data, split)
+        part: Split | None = getattr(data, split)
+        if part is None:
+            continue
         arrays[f"{split}_images"] = np.packbits(part.images.reshape(len(part.images), PIXELS), axis=1)
         arrays[f"{split}_labels"] = part.labels
+        if part.indices is not None:
+            arrays[f"{split}_indices"] = part.indices
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, **arrays)
 
@@ -250,9 +284,12 @@ def load_prepared(path: str | Path) -> PreparedData:
         with np.load(path, allow_pickle=False) as archive:
             splits = {}
             for split in SPLITS:
+                if split == "validation" and f"{split}_images" not in archive:
+                    continue  # prepared without a validation set
                 packed = archive[f"{split}_images"]
                 images = np.unpackbits(packed, axis=1, count=PIXELS).reshape(-1, SIDE, SIDE)
-                splits[split] = Split(images, archive[f"{split}_labels"])
+                indices = archive.get(f"{split}_indices")
+                splits[split] = Split(images, archive[f"{split}_labels"], indices)
     except FileNotFoundError:
         raise DataError(f"{path}: prepared data not found; run `dvc repro prepare` first") from None
     except DAMAGED_FILE_ERRORS as error:
@@ -261,10 +298,12 @@ def load_prepared(path: str | Path) -> PreparedData:
     return PreparedData(**splits, source=Path(path))
 
 
-def summarize(data: PreparedData, threshold: float) -> dict:
-    summary: dict = {"threshold": threshold}
+def summarize(data: PreparedData, cfg: DataParams) -> dict:
+    summary: dict = {"threshold": cfg.threshold, "validation_seed": cfg.validation_seed}
     for split in SPLITS:
-        part: Split = getattr(data, split)
+        part: Split | None = getattr(data, split)
+        if part is None:
+            continue
         summary[split] = {
             "images": len(part.images),
             "fraction_on": round(float(part.images.mean()), 6) if len(part.images) else 0.0,

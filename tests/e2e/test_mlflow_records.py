@@ -28,7 +28,7 @@ FIGURES = {f"figures/{name}" for name in ("reconstructions.png", "prior_samples.
                                            "training_curves.png", "training_progress.gif", "latent_manifold.png")}
 
 
-def steps(run_id: str, key: str = "test_elbo") -> list[int]:
+def steps(run_id: str, key: str = "validation_elbo") -> list[int]:
     """Every point logged for `key`, duplicates included."""
     return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
 
@@ -80,7 +80,7 @@ def test_a_code_change_a_forced_run_or_a_tracking_only_experiment_trains_from_ep
     name = re.search(r"Ran experiment\(s\): (\S+)", experiment.stdout).group(1)
     assert run_named(runs, name)["params.tracking.sweep"] == "tracking-only"
     for run_id in runs["run_id"]:
-        assert steps(run_id) == [1, 2] and steps(run_id, "final_test_elbo") == [0]
+        assert steps(run_id) == [1, 2] and steps(run_id, "final_validation_elbo") == [0]
         assert len(models_of(run_id)) == 1
     assert run_record(original) == before  # the first training's run is left exactly as it was
 
@@ -138,17 +138,18 @@ def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_
         assert {key for key in found.index if key.startswith("params.")} == {
             key for key in baseline.index if key.startswith("params.")}
         assert steps(found["run_id"]) == [1, 2] and steps(found["run_id"], "train_loss") == [1, 2]
-        assert found["metrics.final_test_elbo"] == baseline["metrics.final_test_elbo"]
+        assert found["metrics.final_validation_elbo"] == baseline["metrics.final_validation_elbo"]
         assert {a.path for a in client.list_artifacts(found["run_id"], "figures")} == FIGURES
         assert len(models_of(found["run_id"])) == 0  # linked, not copied
-        for key in ("eval_elbo", "eval_iwae", "eval_iwae_k"):
+        for key in ("eval_test_elbo", "eval_test_iwae", "eval_test_iwae_k"):
             assert steps(found["run_id"], key) == [0]
         iwae_k = int(found["params.evaluate.iwae_k"])
-        assert found["metrics.eval_iwae_k"] == iwae_k
+        assert found["metrics.eval_test_iwae_k"] == iwae_k
     by_value = {int(run_named(runs, name)["params.evaluate.iwae_k"]) for name in names}
     assert by_value == {5, 7, 9}
     visual_run = runs[runs["params.visualize.examples"] == "5"].iloc[0]
-    assert visual_run["metrics.eval_elbo"] == baseline["metrics.eval_elbo"]  # evaluate did not run: its metrics
+    # evaluate did not run: the metrics are its earlier ones
+    assert visual_run["metrics.eval_test_elbo"] == baseline["metrics.eval_test_elbo"]
 
     # Later executions in the workspace that reuse the training: each its own run, never one of the runs before.
     records_before = {run_id: run_record(run_id) for run_id in runs["run_id"]}
@@ -159,7 +160,7 @@ def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_
     runs = runs_in(repo_copy)
     assert len(runs) == 6 and {run_id: run_record(run_id) for run_id in records_before} == records_before
     for run_id in runs["run_id"]:
-        for key in ("eval_elbo", "final_test_elbo"):
+        for key in ("eval_test_elbo", "final_validation_elbo"):
             assert steps(run_id, key) == [0], (run_id, key)
         assert steps(run_id) == [1, 2]
 
@@ -171,9 +172,9 @@ def assert_one_point_per_epoch_and_one_model(runs: pd.DataFrame, checkpoint) -> 
     once (points counted, not steps), the final metrics once, one logged model, and the checkpoint marked finished."""
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     run_id = runs.iloc[0]["run_id"]
-    for key in ("test_elbo", "train_loss", "epoch_seconds"):
+    for key in ("validation_elbo", "train_loss", "epoch_seconds"):
         assert steps(run_id, key) == [1, 2, 3], key
-    assert steps(run_id, "final_test_elbo") == [0]
+    assert steps(run_id, "final_validation_elbo") == [0]
     assert len(models_of(run_id)) == 1
     with np.load(checkpoint) as saved:
         assert bool(saved["finished"]) and int(saved["epoch"]) == 3
@@ -292,7 +293,7 @@ def test_outputs_from_another_store_are_recorded_in_a_new_run_that_names_the_ori
     assert len(runs) == 1  # evaluate made it, visualize found it
     found = runs.iloc[0]
     assert found["tags.training_run_id"] == original and found["status"] == "FINISHED"
-    assert steps(found["run_id"]) == [1, 2] and steps(found["run_id"], "eval_elbo") == [0]
+    assert steps(found["run_id"]) == [1, 2] and steps(found["run_id"], "eval_test_elbo") == [0]
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(found["run_id"], "figures")} == FIGURES
 
 
@@ -386,6 +387,8 @@ DAMAGED = {  # file, how it is damaged, the stage that reads it, what its one li
     "training history with a word for a number": ("reports/train_history.csv", word_for_a_number, "visualize",
                                                   "damaged"),
     "model": ("models/cvae.keras", truncate, "evaluate", "not a model this version of cvae_pipeline can load"),
+    "evaluate's metrics without their splits": ("reports/metrics.json", lambda p: p.write_text('{"elbo": -80.0}'),
+                                                "visualize", "damaged (not the test and validation sets' metrics"),
 }
 
 

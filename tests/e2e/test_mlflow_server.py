@@ -57,8 +57,8 @@ def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp
     (found,) = client.search_runs([experiment.experiment_id])
     assert found.info.status == "FINISHED"
     assert found.data.params["train.epochs"] == "2" and found.data.params["model.latent_dim"] == "2"
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "test_elbo")] == [1, 2]
-    assert found.data.metrics["eval_iwae"] >= found.data.metrics["eval_elbo"]
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "validation_elbo")] == [1, 2]
+    assert found.data.metrics["eval_test_iwae"] >= found.data.metrics["eval_test_elbo"]
 
     figures = {artifact.path for artifact in client.list_artifacts(found.info.run_id, "figures")}
     assert "figures/reconstructions.png" in figures and "figures/training_progress.gif" in figures

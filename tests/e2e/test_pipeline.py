@@ -27,10 +27,13 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     for stage in ("prepare", "train", "evaluate", "visualize"):
         assert f"Running stage '{stage}'" in result.stdout
 
-    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
-    assert {key: type(value) for key, value in metrics.items()} == METRIC_TYPES
-    assert metrics["iwae"] >= metrics["elbo"] - 1.0 and metrics["iwae_k"] == 20 and metrics["images"] == 100
-    assert 0 <= metrics["pixel_accuracy"] <= 1 and 0 <= metrics["active_units"] <= 2
+    report = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert set(report) == {"test", "validation"}  # both splits, so the generalization gap shows
+    for split, images in (("test", 100), ("validation", 100)):
+        metrics = report[split]
+        assert {key: type(value) for key, value in metrics.items()} == METRIC_TYPES
+        assert metrics["iwae"] >= metrics["elbo"] - 1.0 and metrics["iwae_k"] == 20 and metrics["images"] == images
+        assert 0 <= metrics["pixel_accuracy"] <= 1 and 0 <= metrics["active_units"] <= 2
 
     figures = repo_copy / "reports/figures"
     expected = {"reconstructions.png", "prior_samples.png", "latent_scatter.png", "training_curves.png",
@@ -42,7 +45,8 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     runs = runs_in(repo_copy)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     found = runs.iloc[0]
-    assert found["metrics.eval_iwae"] == pytest.approx(metrics["iwae"])
+    assert found["metrics.eval_test_iwae"] == pytest.approx(report["test"]["iwae"])
+    assert found["metrics.eval_validation_elbo"] == pytest.approx(report["validation"]["elbo"])
     machine = hardware.detect()
     assert found["tags.precision"] == hardware.choose_precision("auto", machine).value
     assert found["tags.precision_reason"].startswith("auto: ") and found["tags.device"] == machine.describe()
@@ -59,7 +63,7 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     assert "reports/metrics.json" in shown.stdout and "reports/train_metrics.json" in shown.stdout
     plots = run(["dvc", "plots", "show", "--json"], repo_copy)
     assert plots.returncode == 0, plots.stderr
-    assert "training_progress.gif" in plots.stdout and "test_elbo" in plots.stdout
+    assert "training_progress.gif" in plots.stdout and "validation_elbo" in plots.stdout
 
     raw = yaml.safe_load((repo_copy / "params.yaml").read_text())
     raw["evaluate"]["iwae_k"] = 30

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cvae_pipeline.data import binarize, load_prepared
-from helpers import run
+from helpers import run, setup_copy
 
 pytestmark = pytest.mark.slow
 
@@ -19,16 +19,19 @@ def outputs(repo):
 
 
 def test_dvc_repro_prepare_writes_the_declared_outputs_and_fetches_once(repo_copy, fake_mnist):
-    mirror, manifest, arrays = fake_mnist
-    shutil.copy(manifest, repo_copy / "data/mnist.json")
+    mirror, _, arrays = fake_mnist
+    setup_copy(repo_copy, fake_mnist)  # 100 of the 300 training images held out for validation
     result = run(["dvc", "repro", "prepare"], repo_copy, MNIST_MIRROR=str(mirror))
     assert result.returncode == 0, result.stderr + result.stdout
 
     prepared, summary, raw = outputs(repo_copy)
     loaded = load_prepared(prepared)
-    np.testing.assert_array_equal(loaded.train.images, binarize(arrays["train_images"], 0.5))
+    held_out = loaded.validation.indices
+    assert len(held_out) == 100 and sorted({*held_out, *loaded.train.indices}) == list(range(300))
+    np.testing.assert_array_equal(loaded.train.images, binarize(arrays["train_images"][loaded.train.indices], 0.5))
+    np.testing.assert_array_equal(loaded.validation.images, binarize(arrays["train_images"][held_out], 0.5))
     np.testing.assert_array_equal(loaded.test.labels, arrays["test_labels"])
-    assert json.loads(summary.read_text())["train"]["images"] == 300
+    assert json.loads(summary.read_text())["train"]["images"] == 200
     assert sorted(p.name for p in raw.iterdir()) == sorted(
         ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
     status = run(["dvc", "status", "prepare"], repo_copy)
@@ -73,7 +76,8 @@ def test_dvc_repro_prepare_on_the_real_mnist_verifies_published_sums(repo_copy):
     result = run(["dvc", "repro", "prepare"], repo_copy, MNIST_MIRROR=os.path.abspath(os.environ["MNIST_MIRROR"]))
     assert result.returncode == 0, result.stderr
     summary = json.loads(outputs(repo_copy)[1].read_text())
-    assert (summary["train"]["images"], summary["test"]["images"]) == (1000, 500)
+    assert (summary["train"]["images"], summary["validation"]["images"], summary["test"]["images"]) == (1000, 10000,
+                                                                                                         500)
     # Thresholded MNIST has about 13% of its pixels on.
     assert 0.10 < summary["train"]["fraction_on"] < 0.16
     loaded = load_prepared(outputs(repo_copy)[0])

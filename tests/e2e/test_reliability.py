@@ -96,7 +96,7 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
                                   timeless(pd.read_csv(uninterrupted / "reports/train_history.csv")))
     final = json.loads((repo_copy / "reports/train_metrics.json").read_text())
     expected = json.loads((uninterrupted / "reports/train_metrics.json").read_text())
-    for key in ("train_loss", "test_elbo", "test_reconstruction", "test_kl"):
+    for key in ("train_loss", "validation_elbo", "validation_reconstruction", "validation_kl"):
         assert final[key] == pytest.approx(expected[key], rel=1e-6), key
     assert not list((repo_copy / "models").glob(".*tmp*")), "a killed write left its temporary file"
 
@@ -105,7 +105,7 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
     finished = runs[runs["status"] == "FINISHED"]
     assert len(finished) == 1 and set(runs["status"]) <= {"FINISHED", "KILLED"}
     assert finished.iloc[0]["run_id"] == json.loads((repo_copy / "models/mlflow_run.json").read_text())["run_id"]
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(finished.iloc[0]["run_id"], "test_elbo")]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(finished.iloc[0]["run_id"], "validation_elbo")]
     assert sorted(steps) == list(range(1, KILL_EPOCHS + 1))  # each epoch once: no point logged twice
 
 
@@ -225,11 +225,11 @@ def test_tracking_not_required_trains_anyway_and_keeps_the_metrics_in_dvc(repo_c
     assert result.returncode == 0, result.stderr[-3000:]
     assert "going on without MLflow" in result.stderr
     assert json.loads((repo_copy / "models/mlflow_run.json").read_text())["run_id"] is None
-    assert json.loads((repo_copy / "reports/metrics.json").read_text())["iwae"] < 0
+    assert json.loads((repo_copy / "reports/metrics.json").read_text())["test"]["iwae"] < 0
     assert pd.read_csv(repo_copy / "reports/train_history.csv")["epoch"].tolist() == [1, 2]
     assert (repo_copy / "reports/figures/training_curves.png").exists()
     shown = run(["dvc", "metrics", "show", "--json"], repo_copy)
-    assert "test_elbo" in shown.stdout and "iwae" in shown.stdout
+    assert "validation_elbo" in shown.stdout and "iwae" in shown.stdout
     assert not (repo_copy / "mlflow.db").exists()
 
 
@@ -245,7 +245,7 @@ def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reac
     assert "resuming after epoch" in resumed.stderr
     runs = runs_in(repo_copy)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
-    logged = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "test_elbo")
+    logged = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "validation_elbo")
     history = pd.read_csv(repo_copy / "reports/train_history.csv")
     assert [metric.step for metric in logged] == history["epoch"].tolist() == list(range(1, 21))
-    assert [metric.value for metric in logged] == pytest.approx(history["test_elbo"].tolist(), rel=1e-5)
+    assert [metric.value for metric in logged] == pytest.approx(history["validation_elbo"].tolist(), rel=1e-5)

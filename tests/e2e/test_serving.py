@@ -70,9 +70,9 @@ def promoted(trained):
 
 def test_promote_registers_the_best_evaluated_run_as_champion_once(trained, promoted):
     runs = trained["runs"]
-    evaluated = runs[runs["metrics.eval_elbo"].notna()]
+    evaluated = runs[runs["metrics.eval_validation_elbo"].notna()]
     assert len(evaluated) == 2
-    best = evaluated.loc[evaluated["metrics.eval_elbo"].idxmax()]
+    best = evaluated.loc[evaluated["metrics.eval_validation_elbo"].idxmax()]  # the test set chooses nothing
     assert f"registered cvae-mnist version 1 from run {best['tags.mlflow.runName']} ({best['run_id']})" in promoted
     assert "the best of 2 finished run(s)" in promoted and "cvae-mnist@champion -> version 1" in promoted
     client = mlflow.MlflowClient()
@@ -89,8 +89,8 @@ def test_promote_registers_the_best_evaluated_run_as_champion_once(trained, prom
 def test_promote_refuses_clearly_when_no_run_qualifies(trained):
     made = make(trained, "promote", "SWEEP=no-such-sweep")
     assert made.returncode != 0
-    assert ("no finished run in experiment cvae-mnist, sweep no-such-sweep has evaluate's eval_elbo and a logged "
-            "model") in made.stderr
+    assert ("no finished run in experiment cvae-mnist, sweep no-such-sweep has evaluate's eval_validation_elbo and a "
+            "logged model") in made.stderr
     assert "Traceback" not in made.stderr
 
 
@@ -186,7 +186,7 @@ def sample(trained, model: str, out, seed: int = 0, *extra: str) -> subprocess.C
 def test_sample_draws_the_same_grid_from_every_kind_of_model_reference(trained, promoted, tmp_path):
     from PIL import Image
 
-    best = trained["runs"].sort_values("metrics.eval_elbo", ascending=False).iloc[0]
+    best = trained["runs"].sort_values("metrics.eval_validation_elbo", ascending=False).iloc[0]
     references = {"champion": "models:/cvae-mnist@champion", "run": f"runs:/{best['run_id']}/model"}
     for name, model in references.items():
         done = sample(trained, model, tmp_path / f"{name}.png", 3)
@@ -221,15 +221,17 @@ def test_runs_record_the_dataset_dvc_prepared_and_the_model_shows_its_test_metri
         assert tags["dvc_path"] == "data/prepared/mnist.npz" and len(tags["git_commit"]) == 40
         assert tags["data.threshold"] == "0.5"
         contexts[tags["mlflow.data.context"]] = found.dataset.name
-    assert contexts == {"training": "mnist_binarized/train", "testing": "mnist_binarized/test"}
+    assert contexts == {"training": "mnist_binarized/train", "validation": "mnist_binarized/validation",
+                        "testing": "mnist_binarized/test"}
 
     (model,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{baseline['run_id']}'",
                                            experiment_ids=[baseline["experiment_id"]], output_format="list")
     on_model = {metric.key: metric for metric in mlflow.get_logged_model(model.model_id).metrics}
-    assert on_model["eval_elbo"].value == pytest.approx(baseline["metrics.eval_elbo"])
-    assert on_model["eval_iwae"].value == pytest.approx(baseline["metrics.eval_iwae"])
-    assert (on_model["eval_elbo"].dataset_name, on_model["eval_elbo"].dataset_digest) == ("mnist_binarized/test",
-                                                                                        prepared["md5"])
+    assert on_model["eval_test_elbo"].value == pytest.approx(baseline["metrics.eval_test_elbo"])
+    assert on_model["eval_test_iwae"].value == pytest.approx(baseline["metrics.eval_test_iwae"])
+    for split in ("test", "validation"):
+        metric = on_model[f"eval_{split}_elbo"]
+        assert (metric.dataset_name, metric.dataset_digest) == (f"mnist_binarized/{split}", prepared["md5"])
 
 
 def test_training_records_system_metrics_once_and_evaluate_adds_no_second_monitor(trained):

@@ -93,8 +93,9 @@ def test_every_experiment_runs_and_lands_in_the_main_store_complete(sweep):
     client = mlflow.MlflowClient()
     for _, found in runs.iterrows():
         epochs = int(found["params.train.epochs"])
-        assert [m.step for m in client.get_metric_history(found["run_id"], "test_elbo")] == list(range(1, epochs + 1))
-        for metric in ("eval_elbo", "eval_iwae", "eval_active_units", "final_test_elbo"):
+        steps = [m.step for m in client.get_metric_history(found["run_id"], "validation_elbo")]
+        assert steps == list(range(1, epochs + 1))
+        for metric in ("eval_test_elbo", "eval_test_iwae", "eval_test_active_units", "final_validation_elbo"):
             assert pd.notna(found[f"metrics.{metric}"]), metric
         figures = {a.path for a in client.list_artifacts(found["run_id"], "figures")}
         assert "figures/training_progress.gif" in figures and len(figures) >= 5
@@ -116,9 +117,9 @@ def test_dvc_compares_experiments(sweep):
     assert json.loads(diff.stdout)["params"]["params.yaml"]
     metrics = run(["dvc", "metrics", "diff", first, second, "--json"], repo)
     assert metrics.returncode == 0, metrics.stderr
-    assert "elbo" in json.loads(metrics.stdout)["reports/metrics.json"]
+    assert {"test.elbo", "validation.elbo"} <= set(json.loads(metrics.stdout)["reports/metrics.json"])
     plots = run(["dvc", "plots", "diff", first, second, "--json"], repo)
-    assert plots.returncode == 0 and "test_elbo" in plots.stdout, plots.stderr
+    assert plots.returncode == 0 and "validation_elbo" in plots.stdout, plots.stderr
 
 
 def test_comparison_table_and_plot(sweep, monkeypatch):
@@ -128,8 +129,9 @@ def test_comparison_table_and_plot(sweep, monkeypatch):
     table = write_comparison(dvc.api.exp_show(), sweep["repo"] / "reports/compare")
     experiments = table[table["experiment"].isin(sweep["names"])]
     assert len(experiments) == 4
-    assert table["elbo"].is_monotonic_decreasing  # best first
-    assert {"model.latent_dim", "train.epochs", "iwae", "kl", "active_units"} <= set(table.columns)
+    assert table["validation.elbo"].is_monotonic_decreasing  # best first, by the validation set
+    assert {"model.latent_dim", "train.epochs", "validation.iwae", "validation.kl", "validation.active_units",
+            "test.elbo", "test.iwae"} <= set(table.columns)
     assert len(pd.read_csv(sweep["repo"] / "reports/compare.csv")) == len(table)
     text = (sweep["repo"] / "reports/compare.md").read_text()
     header = text.splitlines()[2]
@@ -168,7 +170,7 @@ def test_ui_rest_api_finds_the_sweep_with_its_metrics(sweep, ui):
     assert {r["info"]["run_name"] for r in found} == set(sweep["names"])
     for found_run in found:
         metrics = {m["key"] for m in found_run["data"]["metrics"]}
-        assert {"eval_elbo", "eval_iwae", "test_elbo", "train_loss"} <= metrics
+        assert {"eval_test_elbo", "eval_test_iwae", "validation_elbo", "train_loss"} <= metrics
 
 
 def chromium() -> str:

@@ -37,8 +37,9 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     history = pd.read_csv(repo_copy / "reports/train_history.csv")
     assert history["epoch"].tolist() == [1, 2]
     metrics = json.loads((repo_copy / "reports/train_metrics.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["test_elbo"] == pytest.approx(history["test_elbo"].iloc[-1])
-    assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
+    assert metrics["epochs"] == 2 and metrics["validation_elbo"] == pytest.approx(history["validation_elbo"].iloc[-1])
+    terms = metrics["validation_reconstruction"] + metrics["validation_kl"]
+    assert metrics["validation_elbo"] == pytest.approx(-terms)
     grids = np.load(repo_copy / "models/progress_grids.npz")["grids"]
     assert grids.shape == (3, 16, 28, 28) and grids.dtype == np.uint8
     model = keras.models.load_model(repo_copy / "models/cvae.keras", safe_mode=True)
@@ -57,9 +58,9 @@ def test_dvc_repro_train_writes_outputs_and_one_mlflow_run(repo_copy, fake_mnist
     assert (found["tags.jit_compile"], found["tags.global_batch_size"]) == ("false", "50")
     assert len(found["tags.mlflow.source.git.commit"]) == 40 and found["tags.git_dirty"] == "true"
     client = mlflow.MlflowClient()
-    elbo = client.get_metric_history(found["run_id"], "test_elbo")
+    elbo = client.get_metric_history(found["run_id"], "validation_elbo")
     assert [m.step for m in elbo] == [1, 2]
-    assert [m.value for m in elbo] == pytest.approx(history["test_elbo"].tolist())
+    assert [m.value for m in elbo] == pytest.approx(history["validation_elbo"].tolist())
     logged = mlflow.search_logged_models(experiment_ids=[found["experiment_id"]], output_format="list")
     assert [m.source_run_id for m in logged] == [found["run_id"]]
     signature = mlflow.models.get_model_info(logged[0].model_uri).signature
@@ -99,7 +100,7 @@ def test_kill_9_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(repo_cop
                                   timeless(pd.read_csv(uninterrupted / "reports/train_history.csv")))
     runs = runs_in(repo_copy)
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # the same run, continued
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "test_elbo")]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "validation_elbo")]
     assert sorted(steps) == [1, 2, 3, 4]  # each epoch once
     # System metrics: sampled by the resumed training too, continuing the series of the killed one (each step once).
     samples = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "system/cpu_utilization_percentage")

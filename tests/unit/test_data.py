@@ -12,8 +12,8 @@ import pytest
 
 from cvae_pipeline import data
 from cvae_pipeline.data import FileSpec, binarize, fetch_all, load_manifest, parse_idx, verify
-from cvae_pipeline.errors import DataError
-from helpers import IDX_NAMES, idx_bytes
+from cvae_pipeline.errors import DataError, ParamsError
+from helpers import IDX_NAMES, idx_bytes, params_with
 
 
 def spec_for(key, array):
@@ -211,20 +211,55 @@ def test_all_mirrors_failing_lists_each(fake_mnist, tmp_path, monkeypatch):
 
 # --- prepared storage -------------------------------------------------------------------------------------------
 
-def test_prepared_data_round_trips_bit_packed(fake_mnist, tmp_path, monkeypatch):
-    mirror, manifest_path, arrays = fake_mnist
+def prepared(fake_mnist, tmp_path, monkeypatch, **data_params) -> data.PreparedData:
+    """The fake MNIST prepared with `data_params` over the shipped data params, saved and read back."""
+    mirror, manifest_path, _ = fake_mnist
     monkeypatch.setenv("MNIST_MIRROR", str(mirror))
-    prepared = data.prepare(load_manifest(manifest_path), tmp_path / "raw", 0.5, {"train": 200, "test": None})
-    data.save_prepared(prepared, tmp_path / "prepared.npz")
-    loaded = data.load_prepared(tmp_path / "prepared.npz")
-    assert loaded.train.images.shape == (200, 28, 28)
+    cfg = params_with(data=data_params).data
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data.save_prepared(data.prepare(load_manifest(manifest_path), tmp_path / "raw", cfg), tmp_path / "prepared.npz")
+    return data.load_prepared(tmp_path / "prepared.npz")
+
+
+def test_prepared_data_round_trips_bit_packed(fake_mnist, tmp_path, monkeypatch):
+    arrays = fake_mnist[2]
+    loaded = prepared(fake_mnist, tmp_path, monkeypatch, validation_size=0, train_limit=200)
+    assert loaded.train.images.shape == (200, 28, 28) and loaded.validation is None
     assert loaded.test.images.shape == (100, 28, 28)
     np.testing.assert_array_equal(loaded.train.images, binarize(arrays["train_images"][:200], 0.5))
     np.testing.assert_array_equal(loaded.test.labels, arrays["test_labels"])
-    summary = data.summarize(loaded, 0.5)
-    assert summary["train"]["images"] == 200
+    summary = data.summarize(loaded, params_with(data={"validation_size": 0}).data)
+    assert summary["train"]["images"] == 200 and "validation" not in summary
     assert summary["test"]["fraction_on"] == pytest.approx(binarize(arrays["test_images"], 0.5).mean(), abs=1e-6)
     assert (tmp_path / "prepared.npz").stat().st_size < 200 * 98 + 100 * 98 + 10_000  # 98 bytes an image
+
+
+def test_the_validation_set_is_held_out_of_the_training_images_at_random_and_stored(fake_mnist, tmp_path,
+                                                                                     monkeypatch):
+    arrays = fake_mnist[2]
+    loaded = prepared(fake_mnist, tmp_path, monkeypatch, validation_size=60, train_limit=200)
+    validation, train = loaded.validation.indices, loaded.train.indices
+    assert len(validation) == 60 and len(train) == 200  # the limit applies to what is left: 240 images
+    assert not set(validation) & set(train)
+    assert validation.max() > 200 and set(validation) != set(range(60))  # drawn from all 300, not the first ones
+    np.testing.assert_array_equal(loaded.validation.images, binarize(arrays["train_images"][validation], 0.5))
+    np.testing.assert_array_equal(loaded.validation.labels, arrays["train_labels"][validation])
+    assert list(train) == sorted(train) and list(validation) == sorted(validation)  # each in the file's order
+    assert data.summarize(loaded, params_with(data={"validation_size": 60}).data)["validation"]["images"] == 60
+
+
+def test_the_same_validation_seed_gives_the_same_split_and_another_seed_another(fake_mnist, tmp_path, monkeypatch):
+    first = prepared(fake_mnist, tmp_path / "a", monkeypatch, validation_size=50).validation.indices
+    again = prepared(fake_mnist, tmp_path / "b", monkeypatch, validation_size=50).validation.indices
+    other = prepared(fake_mnist, tmp_path / "c", monkeypatch, validation_size=50, validation_seed=1).validation.indices
+    np.testing.assert_array_equal(first, again)
+    assert set(first) != set(other)
+
+
+def test_a_validation_set_as_large_as_the_training_set_is_refused_naming_the_key(fake_mnist, tmp_path, monkeypatch):
+    with pytest.raises(ParamsError, match=r"^params.yaml: data.validation_size must be less than the 300 training "
+                                          r"images, got 300$"):
+        prepared(fake_mnist, tmp_path, monkeypatch, validation_size=300)
 
 
 @pytest.mark.reliability

@@ -2,8 +2,12 @@
 
 `make compare` (`python -m cvae_pipeline.commands.compare --out reports/compare`) reads the experiments of the current
 commit with `dvc.api.exp_show` and writes `<out>.csv` (every param and metric), `<out>.md` (the params that vary and
-the headline metrics, sorted by test ELBO, best first) and `<out>.png` (test ELBO, IWAE and KL against the first
+the headline metrics, best validation ELBO first) and `<out>.png` (validation ELBO, IWAE and KL against the first
 param that varies, one line per value of the second if there is one).
+
+Experiments are ranked and drawn by their validation metrics: the test set's are in the CSV, for the final report of
+the experiment chosen, never for choosing it. Only where no experiment has a validation set (`data.validation_size:
+0`, the tutorial's way) does the test set rank them, and the table says so.
 """
 
 import argparse
@@ -18,8 +22,13 @@ from cvae_pipeline.config import Params, Section
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import atomic_path
 
-HEADLINE = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy", "epoch_to_quality",
-            "seconds_to_quality", "train_seconds"]
+SPLIT_METRICS = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy"]  # evaluate's, per split
+TRAINING_METRICS = ["epoch_to_quality", "seconds_to_quality", "train_seconds"]
+
+
+def ranking_split(table: pd.DataFrame) -> str:
+    """The split experiments are ranked by: validation, unless none of them has one."""
+    return "validation" if "validation.elbo" in table and table["validation.elbo"].notna().any() else "test"
 
 
 def param_keys(cls: type[Section] = Params, prefix: str = "") -> list[str]:
@@ -34,11 +43,11 @@ def param_keys(cls: type[Section] = Params, prefix: str = "") -> list[str]:
 
 
 def experiments_table(rows: list[dict]) -> pd.DataFrame:
-    """One row per experiment (and its baseline commit), params then metrics, best test ELBO first."""
+    """One row per experiment (and its baseline commit), params then metrics, best validation ELBO first."""
     table = pd.DataFrame(rows)
-    if table.empty or "elbo" not in table:
+    if table.empty or "test.elbo" not in table:
         raise UserInputError("no experiments with evaluate metrics here; run `dvc exp run` (see docs/experiments.md)")
-    table = table[(table["rev"] != "workspace") & table["elbo"].notna()].copy()
+    table = table[(table["rev"] != "workspace") & table["test.elbo"].notna()].copy()
     table.insert(0, "experiment", table["Experiment"].fillna(table["rev"]))
     params = [key for key in param_keys() if key in table]
     for column in table.columns.difference([*params, "experiment", "Experiment", "rev", "typ", "Created", "parent",
@@ -53,7 +62,9 @@ def experiments_table(rows: list[dict]) -> pd.DataFrame:
     table = table[["experiment", "rev", *params, *metrics]]
     for key in params:
         table[key] = table[key].map(_as_in_params_file)
-    return table.sort_values("elbo", ascending=False, kind="stable").reset_index(drop=True)
+    # Experiments without a validation set last: nothing to rank them by but the test set.
+    return table.sort_values(f"{ranking_split(table)}.elbo", ascending=False, kind="stable",
+                             na_position="last").reset_index(drop=True)
 
 
 def _as_in_params_file(value):
@@ -70,14 +81,20 @@ def varied(table: pd.DataFrame) -> list[str]:
 def markdown(table: pd.DataFrame) -> str:
     changing = varied(table)
     constant = [key for key in param_keys() if key in table and key not in changing]
-    shown = table[["experiment", *changing, *[m for m in HEADLINE if m in table]]]
+    split = ranking_split(table)
+    headline = [f"{split}.{metric}" for metric in SPLIT_METRICS] + TRAINING_METRICS
+    shown = table[["experiment", *changing, *[m for m in headline if m in table]]]
     fixed = ", ".join(f"`{key}={table[key].iloc[0]}`" for key in constant)
-    return (f"# Experiments, best test ELBO first\n\n{shown.to_markdown(index=False, floatfmt='.4g')}\n\n"
-            f"Metrics in nats per test image (`elbo`, `iwae`: higher is better). Same in every row: {fixed}.\n")
+    note = ("The test set's metrics are in the CSV: the final report of the experiment you choose, not a way to "
+            "choose it." if split == "validation" else "No experiment has a validation set "
+            "(`data.validation_size: 0`): ranked by the test set, whose numbers are then optimistic.")
+    return (f"# Experiments, best {split} ELBO first\n\n{shown.to_markdown(index=False, floatfmt='.4g')}\n\n"
+            f"Metrics in nats per {split} image (`elbo`, `iwae`: higher is better). {note} "
+            f"Same in every row: {fixed}.\n")
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    changing = varied(table)
+    changing, split = varied(table), ranking_split(table)
     figure = Figure(figsize=(11, 4.2))
     axes = figure.subplots(1, 2)
     if not changing:
@@ -88,12 +105,13 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         for value, rows in groups:
             rows = rows.sort_values(x, key=lambda column: pd.to_numeric(column, errors="coerce"))
             label = f"{group}={value}" if group else None
-            axes[0].plot(rows[x].astype(str), rows["elbo"], marker="o", label=f"ELBO {label or ''}".strip())
-            axes[0].plot(rows[x].astype(str), rows["iwae"], marker="s", linestyle="--",
-                         label=f"IWAE (k={int(rows['iwae_k'].iloc[0])}) {label or ''}".strip())
-            axes[1].plot(rows[x].astype(str), rows["kl"], marker="o", label=label)
-        axes[0].set_title("Test bounds on log p(x) (higher is better)")
-        axes[1].set_title("Test KL(q(z|x) || p(z))")
+            axes[0].plot(rows[x].astype(str), rows[f"{split}.elbo"], marker="o",
+                         label=f"ELBO {label or ''}".strip())
+            axes[0].plot(rows[x].astype(str), rows[f"{split}.iwae"], marker="s", linestyle="--",
+                         label=f"IWAE (k={int(rows[f'{split}.iwae_k'].iloc[0])}) {label or ''}".strip())
+            axes[1].plot(rows[x].astype(str), rows[f"{split}.kl"], marker="o", label=label)
+        axes[0].set_title(f"{split.capitalize()} bounds on log p(x) (higher is better)")
+        axes[1].set_title(f"{split.capitalize()} KL(q(z|x) || p(z))")
         for ax in axes:
             ax.set_xlabel(x)
             ax.set_ylabel("nats per image")

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from cvae_pipeline.config import TUTORIAL_ELBO, Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
-from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.evaluation.train_outputs import Upstream, scored_split
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
 from cvae_pipeline.model.loading import decode_probabilities, load_trained, posterior
 from cvae_pipeline.model.network import CVAE
@@ -122,19 +122,20 @@ def training_curves(history: pd.DataFrame, path: Path) -> None:
     figure = Figure(figsize=(15, 4.2))
     axes = figure.subplots(1, 3)
     axes[0].plot(history["epoch"], history["train_loss"], label="training loss (negative ELBO)")
-    axes[0].plot(history["epoch"], -history["test_elbo"], label="test negative ELBO")
+    split = scored_split(history)
+    axes[0].plot(history["epoch"], -history[f"{split}_elbo"], label=f"{split} negative ELBO")
     axes[0].set_title("Negative ELBO (lower is better)")
-    axes[1].plot(history["epoch"], history["test_reconstruction"], color="tab:green")
-    axes[1].set_title("Test reconstruction, -log p(x|z)")
-    axes[2].plot(history["epoch"], history["test_kl"], color="tab:red")
-    axes[2].set_title("Test KL(q(z|x) || p(z))")
+    axes[1].plot(history["epoch"], history[f"{split}_reconstruction"], color="tab:green")
+    axes[1].set_title(f"{split.capitalize()} reconstruction, -log p(x|z)")
+    axes[2].plot(history["epoch"], history[f"{split}_kl"], color="tab:red")
+    axes[2].set_title(f"{split.capitalize()} KL(q(z|x) || p(z))")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
-    axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":", label=f"the tutorial's {TUTORIAL_ELBO} (100 epochs)")
+    axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":", label=f"the tutorial's test {TUTORIAL_ELBO} (100 epochs)")
     if len(history) > 2:  # the first epoch's loss dwarfs the rest: show the curves from the second on
-        later = pd.concat([history["train_loss"], -history["test_elbo"]])[history["epoch"].gt(1).tolist() * 2]
+        later = pd.concat([history["train_loss"], -history[f"{split}_elbo"]])[history["epoch"].gt(1).tolist() * 2]
         axes[0].set_ylim(min(later.min(), -TUTORIAL_ELBO) - 1, later.max() + 1)
     axes[0].legend(loc="center right")
     if "learning_rate" in history:  # the step size beside the curve it shapes

@@ -1,10 +1,11 @@
-"""The numbers a VAE paper reports, on the test set, in nats per image.
+"""The numbers a VAE paper reports, in nats per image, on the test set (the final report: nothing chooses by it) and on
+the validation set (what runs are compared and promoted by), so the gap between them shows.
 
 - `elbo`: reconstruction averaged over `evaluate.samples` draws of z, plus the analytic KL;
 - `iwae`: the importance-weighted bound of Burda et al. (2015), log (1/k) sum_i p(x, z_i) / q(z_i|x) with
   z_i ~ q(z|x), a log-mean-exp computed stably; it is >= the ELBO and rises towards log p(x) with k;
 - `pixel_accuracy`, `bce_per_pixel`: of the reconstruction decoded from the posterior mean;
-- `active_units`: latent dimensions whose posterior mean varies across the test set (variance > 0.01).
+- `active_units`: latent dimensions whose posterior mean varies across the split (variance > 0.01).
 
 All draws of z are vectorized: one decoder call scores `decode_batch` (image, sample) pairs, so that the IWAE pass,
 50 million decoder calls at the standard k = 5000, is as fast as the CPU allows (the decoder's one-channel output
@@ -44,7 +45,7 @@ def log_mean_exp(log_values: np.ndarray) -> np.ndarray:
 
 
 class Evaluator:
-    """Scores a trained model on a test set with seeded draws of z: the ELBO, the IWAE bound and the rest."""
+    """Scores a trained model on a set of images with seeded draws of z: the ELBO, the IWAE bound and the rest."""
 
     def __init__(self, model: CVAE, cfg: EvaluateParams, seed: int):
         self.model = model
@@ -126,22 +127,33 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
     return int(np.sum(np.var(posterior_means.astype(np.float64), axis=0) > threshold))
 
 
+def evaluate_splits(model: CVAE, data: PreparedData, cfg: EvaluateParams, seed: int) -> dict[str, dict[str, float]]:
+    """Every metric on the test set and on the validation set (when there is one), `{split: {metric: value}}`; each
+    split scored with the same seeded draws, whatever the other."""
+    splits = {"test": data.test, **({"validation": data.validation} if data.validation is not None else {})}
+    metrics = {}
+    for split, part in splits.items():
+        metrics[split] = found = Evaluator(model, cfg, seed).evaluate(part.images)
+        log.info("%s ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", split, found["elbo"],
+                 found["iwae_k"], found["iwae"], found["kl"], found["active_units"], model.latent_dim)
+    return metrics
+
+
 def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, upstream: Upstream,
-                       metrics_path: Path) -> dict[str, float]:
-    """The evaluate stage: score the trained model on the test set, write the metrics file, log them to this
-    execution's MLflow run (`runs.stage_run`: the training's run, or a follow-up run of its own) and to the
+                       metrics_path: Path) -> dict[str, dict[str, float]]:
+    """The evaluate stage: score the trained model on the test and validation sets, write the metrics file, log them
+    to this execution's MLflow run (`runs.stage_run`: the training's run, or a follow-up run of its own) and to the
     training's logged model, with the data they were computed on."""
     model = load_trained(model_path, params.model)
     session = Session(params.tracking)
     with runs.stage_run(session, params, "evaluate", upstream) as run:
-        metrics = Evaluator(model, params.evaluate, params.seed).evaluate(data.test.images)
-        log.info("test ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", metrics["elbo"],
-                 metrics["iwae_k"], metrics["iwae"], metrics["kl"], metrics["active_units"], params.model.latent_dim)
+        metrics = evaluate_splits(model, data, params.evaluate, params.seed)
         write_json_atomic(metrics_path, metrics)
         logged = run and runs.trained_model(session, upstream.run_reference)
         model_id = logged.model_id if logged else None
-        if data.source is not None:
-            lineage.log_dataset(session, data.source, params.data, "test", model_id)
-        session.log_metrics({f"eval_{key}": value for key, value in metrics.items()}, model_id=model_id,
-                            dataset=lineage.dataset_key(data.source, "test") if data.source else None)
+        for split, found in metrics.items():
+            if data.source is not None:
+                lineage.log_dataset(session, data.source, params.data, split, model_id)
+            session.log_metrics(runs.evaluation_metrics({split: found}), model_id=model_id,
+                                dataset=lineage.dataset_key(data.source, split) if data.source else None)
     return metrics

@@ -15,7 +15,13 @@ import pandas as pd
 
 from cvae_pipeline.errors import UserInputError
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "test_elbo", "test_reconstruction", "test_kl")
+HISTORY_COLUMNS = ("epoch", "train_loss")
+SCORES = ("elbo", "reconstruction", "kl")  # each epoch's, on the validation set, or the test set where there is none
+
+
+def scored_split(history: pd.DataFrame) -> str:
+    """The split each epoch of `history` was scored on: validation, or test (no validation set)."""
+    return "validation" if "validation_elbo" in history else "test"
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Upstream:
         if final.get("epochs") != len(history):
             raise UserInputError(f"{self.train_metrics}: damaged or out of step with {self.train_history} "
                                  f"(epochs {final.get('epochs')!r}, history {len(history)}); run `dvc repro train`")
-        metrics = _metrics(self.metrics, "evaluate") if self.metrics is not None else None
+        metrics = _split_metrics(self.metrics) if self.metrics is not None else None
         return history, final, metrics
 
 
@@ -58,7 +64,8 @@ def _read(path: Path, stage: str, reader):
 def _history(path: Path) -> pd.DataFrame:
     """One row per epoch, 1..n, every value a finite number."""
     history = _read(path, "train", pd.read_csv)
-    missing = [column for column in HISTORY_COLUMNS if column not in history]
+    expected = [*HISTORY_COLUMNS, *(f"{scored_split(history)}_{score}" for score in SCORES)]
+    missing = [column for column in expected if column not in history]
     if missing:
         raise _damaged(path, "train", f"no column {missing[0]}")
     numbers = history.apply(pd.to_numeric, errors="coerce")
@@ -69,11 +76,27 @@ def _history(path: Path) -> pd.DataFrame:
     return numbers
 
 
+def _numbers(payload) -> bool:
+    """Whether `payload` is a non-empty mapping of names to finite numbers."""
+    return isinstance(payload, dict) and bool(payload) and all(
+        isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+        for value in payload.values())
+
+
 def _metrics(path: Path, stage: str) -> dict:
     """A JSON mapping of names to finite numbers."""
     payload = _read(path, stage, lambda p: json.loads(Path(p).read_text(encoding="utf-8")))
-    if not (isinstance(payload, dict) and payload and all(
-            isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-            for value in payload.values())):
+    if not _numbers(payload):
         raise _damaged(path, stage, "not a mapping of metric names to numbers")
+    return payload
+
+
+def _split_metrics(path: Path) -> dict:
+    """evaluate's: the test set's metrics, and the validation set's where there is one, each a mapping of names to
+    finite numbers."""
+    payload = _read(path, "evaluate", lambda p: json.loads(Path(p).read_text(encoding="utf-8")))
+    if not (isinstance(payload, dict) and "test" in payload and set(payload) <= {"test", "validation"}
+            and all(_numbers(found) for found in payload.values())):
+        raise _damaged(path, "evaluate", "not the test and validation sets' metrics, each a mapping of names to "
+                                         "numbers")
     return payload

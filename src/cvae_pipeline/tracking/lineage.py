@@ -10,7 +10,8 @@ from cvae_pipeline.tracking import runs
 from cvae_pipeline.tracking.session import Session
 
 DATASET_NAME = "mnist_binarized"
-CONTEXTS = {"train": "training", "test": "testing"}  # the split of the prepared file a stage uses, and what for
+# The split of the prepared file a stage uses, and what for (MLflow's context).
+CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 
 
 def file_md5(path: Path) -> str:
@@ -37,10 +38,10 @@ def dataset_key(path: Path, split: str) -> tuple[str, str]:
 
 
 def log_dataset(session: Session, path: Path, cfg: DataParams, split: str, model_id: str | None = None) -> None:
-    """Record a split (train, test) of the prepared data at `path` as an input of the session's run (with the
-    logged model `model_id` that it was used on)."""
+    """Record a split (train, validation, test) of the prepared data at `path` as an input of the session's run (with
+    the logged model `model_id` that it was used on)."""
     commit = runs.git_commit()
     tags = {"mlflow.data.context": CONTEXTS[split], "dvc_path": path.as_posix(), "dvc_md5": file_md5(path),
-            "data.threshold": json.dumps(cfg.threshold), "data.train_limit": json.dumps(cfg.train_limit),
-            "data.test_limit": json.dumps(cfg.test_limit), **({"git_commit": commit} if commit else {})}
+            **{f"data.{key}": json.dumps(value) for key, value in cfg.model_dump().items()},
+            **({"git_commit": commit} if commit else {})}
     session.log_input(prepared_dataset(path, split), tags, model_id)

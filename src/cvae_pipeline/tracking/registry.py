@@ -1,10 +1,11 @@
 """Promote the best trained model: a new version of a registered model, with the alias `champion` pointing at it.
 
 `make promote` (`commands.promote`) looks at the finished runs of `tracking.experiment` (of one sweep: runs tagged
-`sweep=NAME`) that hold evaluate's test ELBO (`eval_elbo`) and a logged model (their own, or, for a follow-up run, its
-training's: tag `training_model_uri`). The best by test ELBO becomes a new version of `registry.model_name` (MLflow 3
-aliases, not the deprecated stages), unless `champion` already points at its model. `models:/<name>@champion` then loads
-and serves it.
+`sweep=NAME`) that hold evaluate's validation ELBO (`eval_validation_elbo`) and a logged model (their own, or, for a
+follow-up run, its training's: tag `training_model_uri`). The best by validation ELBO becomes a new version of
+`registry.model_name` (MLflow 3 aliases, not the deprecated stages), unless `champion` already points at its model.
+`models:/<name>@champion` then loads and serves it. The test set never chooses: a run without a validation set
+(`data.validation_size: 0`) is not a candidate, and the champion's test ELBO stays an unbiased estimate.
 """
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.tracking.session import Session
 
 ALIAS = "champion"
-SCORE = "eval_elbo"
+SCORE = "eval_validation_elbo"
 MODELS = "models:/"
 
 
@@ -26,7 +27,7 @@ class Candidate:
 
 
 def candidates(session: Session, sweep: str | None) -> list[Candidate]:
-    """The finished runs of the session's experiment with a test ELBO and a model, best first."""
+    """The finished runs of the session's experiment with a validation ELBO and a model, best first."""
     query = f"attributes.status = 'FINISHED' and metrics.{SCORE} > -1e300"
     if sweep:
         query += f" and tags.sweep = '{sweep}'"
@@ -45,7 +46,7 @@ def promote(session: Session, model_name: str, sweep: str | None = None) -> str:
     scope = f"experiment {session.cfg.experiment}" + (f", sweep {sweep}" if sweep else "")
     if not ranked:
         raise UserInputError(f"no finished run in {scope} has evaluate's {SCORE} and a logged model: run "
-                             "`make repro` (or a sweep) first")
+                             "`make repro` (or a sweep) first, with a validation set (data.validation_size > 0)")
     best = ranked[0]
     why = (f"{SCORE} {best.score:.2f}, the best of {len(ranked)} finished run(s) with an evaluation in {scope}"
            + (f" (next: {ranked[1].score:.2f}, run {ranked[1].run_name})" if len(ranked) > 1 else ""))

@@ -218,6 +218,12 @@ def _plan(session: Session, params: Params, stage: str, run_id: str,
     return None if session.offline else ((found[0].info.run_id if found else None), training)
 
 
+def evaluation_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """evaluate's metrics (`{split: {metric: value}}`, as in its DVC output) as MLflow names them: `eval_test_elbo`,
+    `eval_validation_elbo`, ..."""
+    return {f"eval_{split}_{key}": value for split, found in metrics.items() for key, value in found.items()}
+
+
 def _record_upstream(session: Session, params: Params, training, history: pd.DataFrame, final: dict,
                      metrics: dict | None) -> None:
     """A follow-up run starts as the whole record of what it builds on: params, the training's curves and final
@@ -226,7 +232,7 @@ def _record_upstream(session: Session, params: Params, training, history: pd.Dat
     session.log_missing_epochs(history.to_dict("records"))
     session.log_metrics({f"final_{key}": value for key, value in final.items()})
     if metrics is not None:
-        session.log_metrics({f"eval_{key}": value for key, value in metrics.items()},
+        session.log_metrics(evaluation_metrics(metrics),
                             tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})
     model = training and session.training_model(training.info.run_id)  # none when the store lacks the run
     if model:

@@ -1,7 +1,7 @@
 """Training the CVAE: compiled optimizer steps over seeded batches, epoch by epoch, with a resumable checkpoint.
 
 `Trainer` owns the model, the optimizer and the noise generator, and trains epoch by epoch: the training set and the
-order of its batches are `batches`', the per-epoch test ELBO (in float32) and progress grid `scoring`'s, the file
+order of its batches are `batches`', the per-epoch validation ELBO (in float32) and progress grid `scoring`'s, the file
 `checkpoints`'. An epoch's checkpoint and logging run in the background while the next one trains.
 """
 
@@ -29,7 +29,7 @@ from cvae_pipeline.training.batches import TrainingSet
 from cvae_pipeline.training.checkpoints import Checkpoint, Progress, Snapshot, TrainingState
 from cvae_pipeline.training.distribution import lost_worker
 from cvae_pipeline.training.process import Setup
-from cvae_pipeline.training.scoring import TestScorer
+from cvae_pipeline.training.scoring import EpochScorer
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ class Trainer:
             optimizer.build(model.trainable_variables)
             self.state = TrainingState(model, optimizer, tf.random.Generator.from_seed(params.seed))
             # In the scope: a twin the averages are written into must be placed like the model.
-            self.scorer = TestScorer(model, params.model, data.test.images[: cfg.eval_limit, ..., None],
-                                     params.seed, self.precision.value == "float32", self.jit_compile.value,
-                                     optimizer if cfg.ema_momentum > 0 else None)
+            split, scored = data.selection  # never the test set while there is a validation set
+            self.scorer = EpochScorer(model, params.model, split, scored.images[: cfg.eval_limit, ..., None],
+                                      params.seed, self.precision.value == "float32", self.jit_compile.value,
+                                      optimizer if cfg.ema_momentum > 0 else None)
         self._train_step = tf.function(self._step, jit_compile=self.jit_compile.value)
         # The loop over a call's steps stays outside XLA: it reads the tf.data iterator.
         self._train_steps = tf.function(self._steps)
@@ -172,9 +173,10 @@ class Trainer:
                 metrics = self.train_epoch(epoch, batches) | self.scorer.evaluate()
                 metrics["learning_rate"] = optimization.current_learning_rate(self.optimizer)
                 metrics["elapsed_seconds"] = earlier + time.perf_counter() - self.started
-                log.info("epoch %d/%d: loss %.2f, test ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s "
-                         "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics["train_loss"],
-                         metrics["test_elbo"], metrics["test_reconstruction"], metrics["test_kl"],
+                split = self.scorer.split
+                log.info("epoch %d/%d: loss %.2f, %s ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s "
+                         "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics["train_loss"], split,
+                         metrics[f"{split}_elbo"], metrics[f"{split}_reconstruction"], metrics[f"{split}_kl"],
                          metrics["epoch_seconds"], metrics["eval_seconds"], metrics["images_per_second"])
                 state.epoch = epoch
                 progress = Progress([*progress.history, {"epoch": epoch, **metrics}],

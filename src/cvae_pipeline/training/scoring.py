@@ -1,6 +1,7 @@
-"""The test set scored after every epoch of training, in float32 whatever the training precision.
+"""The validation set (the test set where there is none) scored after every epoch, in float32 whatever the training
+precision.
 
-The per-epoch test ELBO is the number time to quality is read from, so it must not be a bfloat16 or float16 estimate:
+The per-epoch ELBO is the number time to quality is read from, so it must not be a bfloat16 or float16 estimate:
 a float32 twin of the model takes the trained weights before each scoring (the model itself, when it trains in
 float32 and keeps no average). When the optimizer keeps a moving average of the weights, the twin takes that
 average, which is what the train stage saves as the model. The twin also decodes the tutorial's progress grid, from
@@ -21,15 +22,17 @@ PROGRESS_IMAGES = 16  # the tutorial's 4x4 grid of images decoded from fixed lat
 EVAL_BATCH = 1000
 
 
-class TestScorer:
-    __test__ = False  # a scorer of test sets, not a pytest test class
+class EpochScorer:
+    """Scores the model after each epoch on one split; its metrics are named after it (`validation_elbo`)."""
 
-    def __init__(self, model: CVAE, cfg: ModelParams, images: np.ndarray, seed: int, float32: bool,
+    def __init__(self, model: CVAE, cfg: ModelParams, split: str, images: np.ndarray, seed: int, float32: bool,
                  jit_compile: bool, averaging: keras.optimizers.Optimizer | None = None):
-        """`images`: (n, 28, 28, 1) binarized; `float32`: whether `model` trains in float32 (then, without
-        `averaging`, it scores itself); `averaging`: the optimizer whose moving average of the weights (Keras'
-        `use_ema`) is scored instead of the weights, once it has taken a step. Build it in the strategy's scope."""
+        """`split`: the name of the split `images` ((n, 28, 28, 1), binarized) come from; `float32`: whether `model`
+        trains in float32 (then, without `averaging`, it scores itself); `averaging`: the optimizer whose moving
+        average of the weights (Keras' `use_ema`) is scored instead of the weights, once it has taken a step. Build
+        it in the strategy's scope."""
         self.model = model
+        self.split = split
         self.images = images
         self.averaging = averaging
         self.twin = model if float32 and averaging is None else build_cvae(cfg, "float32")
@@ -54,7 +57,7 @@ class TestScorer:
             target.assign(tf.cast(source, target.dtype))
 
     def _score_chunk(self, images, noise):
-        """One forward pass of the float32 model over a chunk of the test set: sums of its ELBO's two terms."""
+        """One forward pass of the float32 model over a chunk of the images: sums of its ELBO's two terms."""
         reconstruction, kl = elbo_terms(self.twin, tf.cast(images, tf.float32), noise, "analytic")
         return tf.reduce_sum(reconstruction), tf.reduce_sum(kl)
 
@@ -62,8 +65,8 @@ class TestScorer:
         return tf.round(tf.sigmoid(self.twin.decode(self.progress_latent))[..., 0] * 255)
 
     def evaluate(self) -> dict[str, float]:
-        """The test ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
-        computed in float32; and the seconds it took."""
+        """The split's ELBO (analytic KL, one fixed draw of z per image) and its two terms, in nats per image,
+        computed in float32, as `<split>_elbo`, `<split>_reconstruction`, `<split>_kl`; and the seconds it took."""
         started = time.perf_counter()
         self.take_weights()
         reconstruction = kl = 0.0
@@ -73,8 +76,8 @@ class TestScorer:
             reconstruction += float(chunk_reconstruction)
             kl += float(chunk_kl)
         n = len(self.images)
-        return {"test_elbo": -(reconstruction + kl) / n, "test_reconstruction": reconstruction / n,
-                "test_kl": kl / n, "eval_seconds": time.perf_counter() - started}
+        return {f"{self.split}_elbo": -(reconstruction + kl) / n, f"{self.split}_reconstruction": reconstruction / n,
+                f"{self.split}_kl": kl / n, "eval_seconds": time.perf_counter() - started}
 
     def progress_grid(self) -> np.ndarray:
         """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights the twin

@@ -39,19 +39,20 @@ class TrainOutputs:
     checkpoint: Path
 
 
-def final_metrics(history: list[dict]) -> dict[str, float]:
+def final_metrics(history: list[dict], split: str) -> dict[str, float]:
     """The last epoch's metrics, the total training time, the median throughput, and the time to quality: the first
-    epoch whose test ELBO reached the tutorial's, and the seconds from the stage's start to its end (absent when
-    none did)."""
+    epoch whose ELBO on `split` (the per-epoch scores' split) reached the tutorial's, and the seconds from the stage's
+    start to its end (absent when none did)."""
     last = history[-1]
+    scores = [f"{split}_elbo", f"{split}_reconstruction", f"{split}_kl"]
     final = {
         "epochs": last["epoch"],
-        **{key: last[key] for key in ("train_loss", "test_elbo", "test_reconstruction", "test_kl")},
+        **{key: last[key] for key in ("train_loss", *scores)},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
         "elapsed_seconds": last["elapsed_seconds"],
         "images_per_second": float(np.median([row["images_per_second"] for row in history])),
     }
-    reached = next((row for row in history if row["test_elbo"] >= TUTORIAL_ELBO), None)
+    reached = next((row for row in history if row[scores[0]] >= TUTORIAL_ELBO), None)
     if reached is not None:
         final.update(epoch_to_quality=reached["epoch"], seconds_to_quality=reached["elapsed_seconds"])
     return final
@@ -88,16 +89,20 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s",
              trainer.machine.describe(), trainer.precision.value, trainer.precision.reason,
              "on" if trainer.jit_compile.value else "off", trainer.strategy.num_replicas_in_sync, session.uri)
+    if trainer.scorer.split == "test":
+        log.warning("no validation set (data.validation_size is 0): every epoch is scored on the test set, as the "
+                    "tutorial does, so the test numbers of a run chosen by them are optimistic")
     tags = {**runs.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
     with runs.training_run(session, params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
         session.log_missing_epochs(progress.history)
-        if data.source is not None:
+        if data.source is not None:  # what it trained on, and what chose its epochs: every one a training scores
             lineage.log_dataset(session, data.source, params.data, "train")
+            lineage.log_dataset(session, data.source, params.data, trainer.scorer.split)
         progress = trainer.fit(progress, checkpoint, lambda epoch, metrics: session.log_metrics(metrics, epoch))
-        final = final_metrics(progress.history)
+        final = final_metrics(progress.history, trainer.scorer.split)
         write_outputs(trainer, progress, final, outputs)
         runs.write_run_reference(outputs.run, run)
         session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)

@@ -65,8 +65,9 @@ def test_each_figure_is_a_valid_image_of_the_expected_size(model_2d, tmp_path):
     figures.prior_samples(model_2d, CFG, 2, 0, tmp_path / "p.png")
     figures.latent_manifold(model_2d, CFG.manifold_size, tmp_path / "m.png")
     figures.latent_scatter(model_2d, images, labels, tmp_path / "s.png")
-    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0], "test_elbo": [-3.0, -2.5, -2.0],
-                            "test_reconstruction": [2.0, 1.5, 1.2], "test_kl": [1.0, 1.0, 0.8],
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0],
+                            "validation_elbo": [-3.0, -2.5, -2.0], "validation_reconstruction": [2.0, 1.5, 1.2],
+                            "validation_kl": [1.0, 1.0, 0.8],
                             "learning_rate": [2e-3, 1e-3, 0.0]})
     figures.training_curves(history, tmp_path / "c.png")
     grids = np.random.default_rng(0).integers(0, 256, (4, 16, 28, 28), dtype=np.uint8)

@@ -107,3 +107,20 @@ def test_same_seed_same_metrics_and_another_seed_other_draws(trained):
     # The draws of z depend on the seed: the sampled estimates move, the analytic KL does not.
     assert other["iwae"] != first["iwae"] and other["reconstruction_nll"] != first["reconstruction_nll"]
     assert other["kl"] == first["kl"]
+
+
+def test_evaluate_reports_the_test_and_the_validation_set_each_with_the_same_draws(trained):
+    from cvae_pipeline.data import PreparedData, Split
+    from cvae_pipeline.evaluation.stage import evaluate_splits
+
+    model, test_images = trained
+    validation = Split(*synthetic_digits(50, seed=3))
+    cfg = EvaluateParams(samples=2, iwae_k=5, decode_batch=10_000)
+    both = evaluate_splits(model, PreparedData(Split(test_images[:1], np.zeros(1)), Split(test_images, np.zeros(200)),
+                                               validation), cfg, seed=0)
+    assert set(both) == {"test", "validation"}
+    assert both["test"] == evaluate_with(model, test_images, k=5, samples=2)  # whatever the other split
+    assert both["validation"] == evaluate_with(model, validation.images, k=5, samples=2)
+    assert both["validation"]["images"] == 50 and both["test"]["images"] == 200
+    tutorial = evaluate_splits(model, PreparedData(validation, Split(test_images, np.zeros(200))), cfg, seed=0)
+    assert set(tutorial) == {"test"}  # data.validation_size 0: nothing else to report

@@ -7,6 +7,7 @@ import tensorflow as tf
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.training.batches import TrainingSet
 from cvae_pipeline.training.hardware import Machine
+from helpers import TINY, make_trainer, params_with
 
 CPU = Machine("test CPU", frozenset({"avx2"}))
 
@@ -62,3 +63,19 @@ def test_several_replicas_train_whole_batches_only_and_refuse_a_batch_larger_tha
     with pytest.raises(UserInputError, match=r"^train\.batch_size: a batch of 12 is more than the 10 training "
                                              r"images; with 2 replicas a batch must be whole$"):
         TrainingSet(images, 12, 0, TwoReplicas(), CPU)
+
+
+def test_the_validation_images_never_appear_in_a_training_batch(fake_mnist, tmp_path, monkeypatch):
+    from cvae_pipeline.data import load_manifest, prepare
+
+    mirror, manifest, _ = fake_mnist
+    monkeypatch.setenv("MNIST_MIRROR", str(mirror))
+    params = params_with(**TINY)  # 100 of the 300 training images held out
+    data = prepare(load_manifest(manifest), tmp_path / "raw", params.data)
+    training = make_trainer(params, data).training_set
+    trained = set()
+    for epoch in epochs_of(training.batches(1, 2), training.steps_per_epoch, 2):
+        trained |= {training.images[index].tobytes() for index in np.concatenate(epoch)}
+    validation = {image[..., None].tobytes() for image in data.validation.images}
+    assert len(validation) == 100 and len(trained) == 200  # the random images are all different
+    assert not trained & validation

@@ -1,4 +1,5 @@
-"""The per-epoch test ELBO and progress grid: in float32 whatever the training precision, from the trained weights."""
+"""The per-epoch ELBO and progress grid: of the validation set, in float32 whatever the training precision, from the
+trained weights."""
 
 import numpy as np
 import pytest
@@ -54,3 +55,17 @@ def test_the_progress_grids_decode_the_trained_weights_in_float32_from_epoch_0(s
     after = scorer.progress_grid()
     assert not np.array_equal(after, initial[0])
     np.testing.assert_array_equal(after, expected())
+
+
+def test_each_epoch_scores_the_validation_set_and_the_test_set_only_where_there_is_none(small_data):
+    from cvae_pipeline.data import PreparedData, Split
+    from helpers import synthetic_digits
+
+    with_validation = PreparedData(small_data.train, small_data.test, Split(*synthetic_digits(64, seed=3)))
+    params = params_with(model={"latent_dim": 4}, train={**BFLOAT16, "precision": "float32"})
+    scorer = make_trainer(params, with_validation).scorer
+    assert scorer.split == "validation"
+    np.testing.assert_array_equal(scorer.images[..., 0], with_validation.validation.images)
+    assert set(scorer.evaluate()) == {"validation_elbo", "validation_reconstruction", "validation_kl", "eval_seconds"}
+    tutorial = make_trainer(params, small_data).scorer  # data.validation_size 0
+    assert tutorial.split == "test" and "test_elbo" in tutorial.evaluate()
