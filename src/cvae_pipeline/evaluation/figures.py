@@ -133,7 +133,8 @@ def training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
-    axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":", label=f"the tutorial's test {TUTORIAL_ELBO} (100 epochs)")
+    axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":",
+                    label=f"the tutorial's test {TUTORIAL_ELBO} (100 epochs)")
     if len(history) > 2:  # the first epoch's loss dwarfs the rest: show the curves from the second on
         later = pd.concat([history["train_loss"], -history[f"{split}_elbo"]])[history["epoch"].gt(1).tolist() * 2]
         axes[0].set_ylim(min(later.min(), -TUTORIAL_ELBO) - 1, later.max() + 1)
