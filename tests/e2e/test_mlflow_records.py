@@ -167,14 +167,14 @@ def test_experiments_on_evaluate_or_visualize_params_alone_get_complete_runs_of_
 
 # --- 3. one point per epoch, one model per training, across kills -------------------------------------------------
 
-def assert_one_point_per_epoch_and_one_model(runs: pd.DataFrame, checkpoint) -> None:
+def assert_one_point_per_epoch_and_one_model(runs: pd.DataFrame, checkpoint, scored: str = "validation") -> None:
     """After kills at every point of a 3-epoch training and its resume: one finished run, each epoch's metrics logged
     once (points counted, not steps), the final metrics once, one logged model, and the checkpoint marked finished."""
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     run_id = runs.iloc[0]["run_id"]
-    for key in ("validation_elbo", "train_loss", "epoch_seconds"):
+    for key in (f"{scored}_elbo", "train_loss", "epoch_seconds"):
         assert steps(run_id, key) == [1, 2, 3], key
-    assert steps(run_id, "final_validation_elbo") == [0]
+    assert steps(run_id, f"final_{scored}_elbo") == [0]
     assert len(models_of(run_id)) == 1
     with np.load(checkpoint) as saved:
         assert bool(saved["finished"]) and int(saved["epoch"]) == 3
@@ -216,7 +216,7 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
     train_and_track(params, small_data, outputs)
 
     assert_one_point_per_epoch_and_one_model(mlflow.search_runs(experiment_names=[params.tracking.experiment]),
-                                             outputs.checkpoint)
+                                             outputs.checkpoint, scored="test")  # small_data: no validation set
 
 
 # Loaded through PYTHONPATH by every Python process of a `dvc repro`; in the train stage alone, it wraps the first

@@ -81,4 +81,6 @@ def test_dvc_repro_prepare_on_the_real_mnist_verifies_published_sums(repo_copy):
     # Thresholded MNIST has about 13% of its pixels on.
     assert 0.10 < summary["train"]["fraction_on"] < 0.16
     loaded = load_prepared(outputs(repo_copy)[0])
-    assert loaded.train.labels[:5].tolist() == [5, 0, 4, 1, 9]  # the well-known first training labels
+    by_position = {int(index): int(label) for split in (loaded.train, loaded.validation)
+                   for index, label in zip(split.indices, split.labels, strict=True)}
+    assert [by_position[index] for index in range(5)] == [5, 0, 4, 1, 9]  # the well-known first training labels
