@@ -28,12 +28,15 @@ import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measures import MEASURES, PREPARED, REFERENCE, ROOT, WITH_CONFIG, noop_repro, params_with, python, startup
 from report import report
 
 from cvae_pipeline.config import TUTORIAL_ELBO  # the tutorial's printed test ELBO after 100 epochs
+from cvae_pipeline.evaluation.train_outputs import scored_split
 from cvae_pipeline.fileio import write_bytes_atomic
 
 YARDSTICK_EPOCHS_TO_QUALITY = 95  # epochs the yardstick needs to reach it at Adam 1e-4 (measured for issue 16)
@@ -178,7 +181,7 @@ def summarize_stages(results: dict, summary: dict) -> None:
                                    "between_epochs_max": max(shares), "scoring_seconds": statistics.median(scoring)}
     ttq = results.get("time_to_quality")
     if ttq:
-        split = "validation" if "validation_elbo" in ttq["history"][-1] else "test"  # what each epoch scored
+        split = scored_split(pd.DataFrame(ttq["history"]))  # what each epoch scored
         reached = [row for row in ttq["history"] if row[f"{split}_elbo"] >= TUTORIAL_ELBO]
         summary["time_to_quality"] = {"epoch": reached[0]["epoch"] if reached else None,
                                       "seconds": reached[0]["elapsed_seconds"] if reached else None,
