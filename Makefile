@@ -35,6 +35,13 @@ SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
 SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
 # Host names clients may reach it by, beyond MLflow's default of localhost and private addresses (e.g. mlflow.internal).
 SERVER_ALLOWED_HOSTS ?=
+# Who may use it: `basic` (MLflow's basic-auth app: users, passwords and permissions per experiment), `none`, or `auto`:
+# basic unless it listens on loopback only. Beyond loopback `none` is refused. The admin's password comes from
+# MLFLOW_AUTH_ADMIN_PASSWORD in the environment (first start only), never from these variables (docs/team.md).
+SERVER_AUTH ?= auto
+SERVER_AUTH_STORE ?= sqlite:///$(CURDIR)/mlflow-server-auth.db
+# What a user may do with an experiment nobody granted them anything on: READ, EDIT, MANAGE or NO_PERMISSIONS.
+SERVER_PERMISSION ?= READ
 COMPARE := reports/compare
 # make sweep: the params to sweep, as `dvc exp run -S` takes them, separated by spaces; J workers (no more than cores).
 S ?=
@@ -101,12 +108,10 @@ ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
 
 mlflow-server: $(STAMP)
-	@case '$(SERVER_STORE)' in *://*:*@*|*[?\&]password=*) echo "make mlflow-server: SERVER_STORE holds a \
-	password, which ps and the shell's history would show; leave it out of the URI and export PGPASSWORD (or use \
-	~/.pgpass)" >&2; exit 2;; esac
-	mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
-		--serve-artifacts --host $(SERVER_HOST) --port $(SERVER_PORT) \
-		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)")
+	python -m cvae_pipeline.commands.tracking_server --host '$(SERVER_HOST)' --port '$(SERVER_PORT)' \
+		--store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' --allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
+		--auth '$(SERVER_AUTH)' --auth-store '$(SERVER_AUTH_STORE)' --default-permission '$(SERVER_PERMISSION)' \
+		--state '$(CURDIR)/.mlflow-server'
 
 compare: $(STAMP)
 	python -m cvae_pipeline.commands.compare --out $(COMPARE)

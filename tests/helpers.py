@@ -66,11 +66,11 @@ def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror or MLflow
-    store (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
+    """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror, MLflow
+    store or credentials (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME",
-                        "DVC_EXP_BASELINE_REV")}
+                        "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(overrides)
     return env
@@ -270,13 +270,14 @@ print("cvae_pipeline from", cvae_pipeline.__file__)
 """
 
 
-def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path) -> np.ndarray:
+def predict_in_fresh_process(tracking_uri: str, model_uri: str, images: np.ndarray, folder: Path,
+                             **env: str) -> np.ndarray:
     """Load a logged model with `mlflow.pyfunc` in a new Python process that cannot import the project, and predict:
     the pixel probabilities of the images' mean reconstructions. The process refuses pickled models, as a careful
-    deployment does: the model must be logged as code."""
+    deployment does: the model must be logged as code. `env`: more of its environment (a server's credentials)."""
     np.save(folder / "inputs.npy", images)
     loaded = subprocess.run([sys.executable, "-c", PREDICT, tracking_uri, model_uri, str(folder / "inputs.npy"),
-                             str(folder / "outputs.npy")], env=subprocess_env(**NO_PICKLE), capture_output=True,
+                             str(folder / "outputs.npy")], env=subprocess_env(**NO_PICKLE, **env), capture_output=True,
                             text=True)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "/code/cvae_pipeline/__init__.py" in loaded.stdout, loaded.stdout  # the model's own copy of the code

@@ -183,14 +183,46 @@ def s3_server() -> Iterator[ObjectStore]:
         yield store
 
 
+class TrackingServer:
+    """`make mlflow-server` on the PostgreSQL store, its artifacts in the bucket, its users in a database of their own
+    (MLflow's basic-auth app, its admin's password in the environment); secrets only in its environment. It can be
+    stopped and started again on the same port, as an upgrade or a crash would."""
+
+    def __init__(self, database: Postgres, objects: ObjectStore, auth_database: str):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
+        auth_store = f"postgresql://{database.user}@{database.host}:{database.port}/{auth_database}"
+        self.command = ["make", "mlflow-server", f"SERVER_PORT={self.port}", f"SERVER_STORE={database.url}",
+                        f"SERVER_ARTIFACTS=s3://{objects.bucket}/mlflow-artifacts", "SERVER_AUTH=basic",
+                        f"SERVER_AUTH_STORE={auth_store}"]
+        self.env = subprocess_env(PGPASSWORD=database.password, MLFLOW_S3_ENDPOINT_URL=objects.endpoint,
+                                  MLFLOW_AUTH_ADMIN_PASSWORD=self.admin["MLFLOW_TRACKING_PASSWORD"], **objects.env)
+        self.log = Path(tempfile.mkstemp(prefix="cvae-server-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as output:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=output,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_http(f"{self.uri}/health", self.process, "make mlflow-server", self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
 @contextlib.contextmanager
-def tracking_server(database: Postgres, objects: ObjectStore) -> Iterator[str]:
-    """`make mlflow-server` on the PostgreSQL store, its artifacts in the bucket; secrets only in its environment."""
-    port = free_port()
-    secrets_env = {"PGPASSWORD": database.password, "MLFLOW_S3_ENDPOINT_URL": objects.endpoint, **objects.env}
-    command = ["make", "mlflow-server", f"SERVER_PORT={port}", f"SERVER_STORE={database.url}",
-               f"SERVER_ARTIFACTS=s3://{objects.bucket}/mlflow-artifacts"]
-    base = f"http://127.0.0.1:{port}"
-    with server_process(command, cwd=REPO, env=subprocess_env(**secrets_env)) as (process, log):
-        wait_for_http(f"{base}/health", process, "make mlflow-server", log)
-        yield base
+def tracking_server(database: Postgres, objects: ObjectStore) -> Iterator[TrackingServer]:
+    """A running `TrackingServer`, stopped after."""
+    auth_database = f"mlflow_auth_{secrets.token_hex(4)}"
+    with connect(database) as connection:
+        connection.execute(f"CREATE DATABASE {auth_database}")
+    server = TrackingServer(database, objects, auth_database)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        server.log.unlink(missing_ok=True)

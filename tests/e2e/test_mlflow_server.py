@@ -35,14 +35,15 @@ def server(tmp_path):
         yield {"uri": base, "store": store, "artifacts": artifacts}
 
 
-def test_make_mlflow_server_listens_on_loopback_with_a_sql_store_and_served_artifacts():
+def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_default():
     dry_run = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True).stdout
-    assert "--host 127.0.0.1" in dry_run
-    assert '--backend-store-uri "sqlite:///' in dry_run and "--serve-artifacts" in dry_run
-    assert "--allowed-hosts" not in dry_run  # MLflow's default: localhost and private addresses only
-    named = subprocess.run(["make", "-n", "mlflow-server", "SERVER_ALLOWED_HOSTS=mlflow.internal,mlflow.internal:5000"],
+    assert "--host '127.0.0.1'" in dry_run and "--auth 'auto'" in dry_run  # auto: no login on loopback
+    assert f"--store 'sqlite:///{REPO}/mlflow-server.db'" in dry_run
+    named = subprocess.run(["make", "-n", "mlflow-server", "SERVER_ALLOWED_HOSTS=mlflow.internal,mlflow.internal:5000",
+                            "SERVER_HOST=0.0.0.0", "SERVER_AUTH=basic", "SERVER_PERMISSION=NO_PERMISSIONS"],
                            cwd=REPO, capture_output=True, text=True).stdout
-    assert '--allowed-hosts "mlflow.internal,mlflow.internal:5000"' in named
+    assert "--allowed-hosts 'mlflow.internal,mlflow.internal:5000'" in named and "--host '0.0.0.0'" in named
+    assert "--auth 'basic'" in named and "--default-permission 'NO_PERMISSIONS'" in named
 
 
 def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):

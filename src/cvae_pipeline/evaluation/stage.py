@@ -154,6 +154,6 @@ def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, ups
         for split, found in metrics.items():
             if data.source is not None:
                 lineage.log_dataset(session, data.source, params.data, split, model_id)
-            session.log_metrics(runs.evaluation_metrics({split: found}), model_id=model_id,
+            session.log_metrics(runs.evaluation_metrics({split: found}), model_id=model_id, what=f"{split} scores",
                                 dataset=lineage.dataset_key(data.source, split) if data.source else None)
     return metrics

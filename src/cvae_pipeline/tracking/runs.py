@@ -157,7 +157,7 @@ def training_run(session: Session, params: Params, resumed_run_id: str | None,
     extra = {PARAMS_DIGEST_TAG: digest, EXECUTION_TAG: execution()}
     earlier = session.get_run(run_id) if run_id else None
     if run_id and not session.offline and (earlier is None or earlier.data.tags.get(PARAMS_DIGEST_TAG) != digest):
-        why = ("is not in the store " + session.uri if earlier is None
+        why = ("is not in the store " + session.shown_uri if earlier is None
                else f"was logged with other params ({changed_params(earlier.data.params, params)})")
         log.warning("the checkpoint's MLflow run %s %s; recording the rest of this training in a new run that names "
                     "it (tag resumed_from_run_id), with the epochs before", run_id, why)
@@ -210,7 +210,7 @@ def _plan(session: Session, params: Params, stage: str, run_id: str,
         return None
     if training is None:
         log.warning("%s names MLflow run %s, which the store %s does not know (the outputs came from another store); "
-                    "recording %s in a new run that names it (tag %s)", reference, run_id, session.uri, stage,
+                    "recording %s in a new run that names it (tag %s)", reference, run_id, session.shown_uri, stage,
                     TRAINING_RUN_TAG)
     elif training.data.tags.get(EXECUTION_TAG) == execution():
         return run_id, training

@@ -4,7 +4,12 @@
 global active run. Every exchange with the store goes through `Session.call`, which turns a failure of the store into
 the stage's one-line stop (`tracking.required: true`) or into offline mode (`false`: from then on writes do nothing
 and reads find nothing, while the DVC files keep every metric), for reads as for writes. Any other error is a bug in
-the caller, raised as it is.
+the caller, raised as it is. A server that refuses the credentials (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)
+or the permission stops the stage in one line, whatever `tracking.required` says.
+
+A tracking server that goes away in the middle of a stage does not stop it: its writes wait in an `Outbox` and reach
+the server when it answers again. One still away when the stage ends stops it in one line (`tracking.required: true`;
+a warning otherwise), its outputs written: the next `dvc repro` logs what is missing, without training again.
 
 Which run a stage logs into, and what a run is named and tagged, is `runs`' decision; where the store is and whether
 it answers, `store`'s. A run whose process died (kill -9, power loss) is marked KILLED by the next stage that opens the
@@ -22,9 +27,12 @@ from typing import Any, TypeVar
 
 from cvae_pipeline.config import Params, TrackingParams
 from cvae_pipeline.errors import TrackingError
+from cvae_pipeline.tracking.outbox import Outbox
 from cvae_pipeline.tracking.store import (
     URI_ENV,
     ensure_experiment,
+    is_server,
+    shown,
     start_run,
     store_errors,
     store_lock,
@@ -36,6 +44,10 @@ log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 
+# MLflow's client retries a request to a server for about four minutes by default; a stage whose server went away
+# keeps its writes for later instead (the outbox), and should not stall training meanwhile. The user's own settings win.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
 
 class Session:
     """A stage's session with the MLflow store, made once by the stage and passed down to whatever records its work:
@@ -45,6 +57,8 @@ class Session:
     def __init__(self, cfg: TrackingParams, uri: str | None = None):
         self.cfg = cfg
         self.uri = uri or tracking_uri()
+        self.shown_uri = shown(self.uri)
+        self.outbox = Outbox(self.uri)
         self.checked = False
         self.offline = False
         self.run_id: str | None = None  # while `open_run` holds it open
@@ -52,11 +66,14 @@ class Session:
         self._experiment_id: str | None = None
 
     def connect(self) -> bool:
-        """Check the store, once. One that does not answer raises TrackingError when `tracking.required`, else the
-        session goes offline. True when online."""
+        """Check the store, once: that it answers and takes the credentials. One that does not answer raises
+        TrackingError when `tracking.required`, else the session goes offline. True when online."""
         if not self.checked:
+            if is_server(self.uri):
+                for name, value in HTTP_RETRIES.items():
+                    os.environ.setdefault(name, value)
             problem = unanswered(self.uri)
-            message = f"MLflow tracking server {self.uri} does not answer ({problem})"
+            message = f"MLflow tracking server {self.shown_uri} does not answer ({problem})"
             if problem is not None and self.cfg.required:  # not remembered: the next check tries again
                 raise TrackingError(f"{message}: start it or correct {URI_ENV}, or set tracking.required: false "
                                     "in params.yaml to run without MLflow")
@@ -64,6 +81,8 @@ class Session:
             if problem is not None:
                 log.warning("%s; going on without MLflow (tracking.required is false): metrics stay in the DVC "
                             "files", message)
+            else:
+                self.experiment_id()  # a wrong password or a missing permission stops the stage here, before any work
         return not self.offline
 
     def disable(self, reason: str) -> None:
@@ -98,10 +117,20 @@ class Session:
     def _failed(self, error: Exception) -> None:
         if not isinstance(error, store_errors()):
             raise error
+        code = getattr(error, "error_code", None)
+        if code == "UNAUTHENTICATED":
+            raise TrackingError(f"MLflow server {self.shown_uri} refused the credentials (HTTP 401): set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of it and that "
+                                "user's password (docs/team.md)") from None
+        if code == "PERMISSION_DENIED":
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            raise TrackingError(f"MLflow server {self.shown_uri} refused {user} the permission (HTTP 403) to write "
+                                f"to experiment {self.cfg.experiment!r}: ask its admin to grant EDIT on it, or set "
+                                "tracking.experiment to one of your own (docs/team.md)") from None
         what = " ".join(f"{type(error).__name__}: {error}".split())
         what = what if len(what) <= 300 else what[:300] + " ..."
         if self.cfg.required:
-            raise TrackingError(f"MLflow store {self.uri} failed during the stage ({what}): start it again or "
+            raise TrackingError(f"MLflow store {self.shown_uri} failed during the stage ({what}): start it again or "
                                 f"correct {URI_ENV}, then rerun; or set tracking.required: false to run without "
                                 "MLflow") from error
         log.warning("MLflow failed (%s); going on without it (tracking.required is false)", what)
@@ -141,13 +170,7 @@ class Session:
     def logged_models(self, run_id: str, ready: bool = True) -> list:
         """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others,
         which a process killed while logging left behind."""
-        def find(client) -> list:
-            found = client.search_logged_models([client.get_run(run_id).info.experiment_id],
-                                                filter_string=f"source_run_id = '{run_id}'",
-                                                order_by=[{"field_name": "creation_timestamp", "ascending": False}])
-            return [model for model in found if str(model.status).endswith("READY") == ready]
-
-        return self.call(find, [])
+        return self.call(lambda client: _logged_models(client, run_id, ready), [])
 
     def training_model(self, run_id: str):
         """The model that a training run logged (`.model_id`, `.model_uri`), or None."""
@@ -180,7 +203,26 @@ class Session:
         except BaseException:
             self._end("FAILED", monitor)
             raise
+        self._deliver_or_say(run)
         self._end("FINISHED", monitor)
+
+    def _deliver_or_say(self, run) -> None:
+        """The writes that a server away kept, sent if it answers now; else a one-line stop (or, when tracking is not
+        required, a warning) saying what the run lacks and how to deliver it."""
+        try:
+            self.outbox.flush()
+        except Exception as error:
+            self._failed(error)
+        missing = self.outbox.missing
+        if not missing:
+            return
+        message = (f"MLflow server {self.shown_uri} went away during the stage and has not come back: run "
+                   f"{run.info.run_id} lacks {', '.join(dict.fromkeys(missing))}")
+        if not self.cfg.required:
+            log.warning("%s; they stay in the DVC files (tracking.required is false)", message)
+            return
+        raise TrackingError(f"{message}. The stage's work is done and kept: once the server answers, `dvc repro` "
+                            "logs it (train resumes from its checkpoint, without training again)")
 
     def _monitor(self, resumed: bool):
         """MLflow's sampler of system metrics, logging into the open run; None (and a warning) if it cannot start."""
@@ -198,21 +240,25 @@ class Session:
         run_id, self.run_id = self.run_id, None
         if monitor is not None:
             monitor.finish()
-        if not self.offline:  # else the store failed during the stage: there is nothing to end
+        if not (self.offline or self.outbox.away):  # else the store is gone: the next stage marks the run KILLED
             self.call(lambda client: client.set_terminated(run_id, status))
 
-    def _write(self, action: Callable[[Any, str], None]) -> None:
-        """`action(client, run_id)` on the open run; nothing when there is none (offline, or nothing to log to)."""
+    def _write(self, what: str, action: Callable[[Any, str], None]) -> None:
+        """`action(client, run_id)` on the open run, through the outbox (it must be idempotent: it may be sent again
+        after a server came back); nothing when there is no run (offline, or nothing to log to)."""
         run_id = self.run_id
         if run_id is not None and not self.offline:
-            self.call(lambda client: action(client, run_id))
+            try:
+                self.outbox.send(what, lambda: action(self.client, run_id))
+            except Exception as error:
+                self._failed(error)
 
     # --- writes to the open run ----------------------------------------------------------------------------------
 
     def log_params(self, params: Params) -> None:
         from mlflow.entities import Param
 
-        self._write(lambda client, run_id: client.log_batch(
+        self._write("params", lambda client, run_id: client.log_batch(
             run_id, params=[Param(key, value) for key, value in params.flat().items()]))
 
     def log_missing_epochs(self, history: list[dict]) -> None:
@@ -222,37 +268,41 @@ class Session:
             from mlflow.entities import Metric
 
             logged = {metric.step for metric in client.get_metric_history(run_id, "train_loss")}
-            now = int(time.time() * 1000)
             metrics = [Metric(key, float(value), now, int(row["epoch"])) for row in history
                        if int(row["epoch"]) not in logged for key, value in row.items() if key != "epoch"]
             if metrics:
                 client.log_batch(run_id, metrics=metrics)
 
         if history:
-            self._write(log_missing)
+            now = int(time.time() * 1000)
+            epochs = [int(row["epoch"]) for row in history]
+            self._write(f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}", log_missing)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None,
-                    once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
+                    once: bool = False, model_id: str | None = None, dataset: tuple[str, str] | None = None,
+                    what: str = "metrics") -> None:
         """All of them, and `tags`, in one batched call (one transaction): a kill leaves all or none of them.
         `once`: leave out the metrics that the run already holds (a repeated stage logs no second point).
-        `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data."""
+        `model_id`: they score that logged model, and show on its page; `dataset`: (name, digest) of the data.
+        `what`: what they are, for a message that says what a run lacks."""
+        now = int(time.time() * 1000)  # the same when sent again: MLflow keeps an identical point once
+
         def log(client, run_id) -> None:
             from mlflow.entities import Metric, RunTag
 
             held = client.get_run(run_id).data.metrics if once else {}
-            now = int(time.time() * 1000)
             name, digest = dataset or (None, None)
             client.log_batch(run_id, metrics=[Metric(key, float(value), now, step or 0, model_id=model_id,
                                                      dataset_name=name, dataset_digest=digest)
                                               for key, value in metrics.items() if key not in held],
                              tags=[RunTag(key, value) for key, value in (tags or {}).items()])
 
-        self._write(log)
+        self._write(what, log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._write(lambda client, run_id: client.log_batch(
+        self._write("tags", lambda client, run_id: client.log_batch(
             run_id, tags=[RunTag(key, value) for key, value in tags.items()]))
 
     def log_artifacts(self, paths: list[Path], folder: str) -> None:
@@ -260,7 +310,7 @@ class Session:
             for path in paths:
                 client.log_artifact(run_id, str(path), artifact_path=folder)
 
-        self._write(log)
+        self._write(folder, log)
 
     def log_input(self, dataset, tags: dict[str, str], model_id: str | None = None) -> None:
         """`dataset` (an `mlflow.entities.Dataset`) as an input of the run, with `tags`, and of the logged model
@@ -275,17 +325,24 @@ class Session:
                                                                            for key, value in tags.items()])],
                                   models=[LoggedModelInput(model_id)] if model_id else None)
 
-        self._write(log)
+        self._write(f"dataset {dataset.name}", log)
 
     def log_model_once(self, log_model: Callable[[Any, str], None]) -> None:
         """Call `log_model(client, run_id)` to log the run's model, unless the run holds one already (a training
         resumed after its model was logged): one model per training. An unfinished one, left by a kill mid-upload, is
         deleted first."""
         def log(client, run_id) -> None:
-            if self.logged_models(run_id):
+            if _logged_models(client, run_id):
                 return
-            for unfinished in self.logged_models(run_id, ready=False):
+            for unfinished in _logged_models(client, run_id, ready=False):
                 client.delete_logged_model(unfinished.model_id)
             log_model(client, run_id)
 
-        self._write(log)
+        self._write("model", log)
+
+
+def _logged_models(client, run_id: str, ready: bool = True) -> list:
+    found = client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return [model for model in found if str(model.status).endswith("READY") == ready]

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -88,12 +89,21 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def unanswered(uri: str) -> str | None:
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def shown(uri: str) -> str:
+    """The URI as logs and messages show it: without a password that its user info may hold."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def unanswered(uri: str, attempts: int = PROBE_ATTEMPTS) -> str | None:
     """Why an HTTP(S) tracking server does not answer, or None when it does (or the store is not a server)."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     problem = ""
-    for _ in range(PROBE_ATTEMPTS):
+    for _ in range(attempts):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT):
                 return None
@@ -159,5 +169,5 @@ def ensure_experiment(client, name: str, uri: str) -> str:
         except MlflowException as error:
             existing = client.get_experiment_by_name(name)
             if existing is None:
-                raise UserInputError(f"MLflow at {uri}: cannot create experiment {name!r} ({error})") from None
+                raise UserInputError(f"MLflow at {shown(uri)}: cannot create experiment {name!r} ({error})") from None
             return existing.experiment_id

@@ -88,7 +88,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         session.disable("this worker is not the chief, which logs the run")
     log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s",
              trainer.machine.describe(), trainer.precision.value, trainer.precision.reason,
-             "on" if trainer.jit_compile.value else "off", trainer.strategy.num_replicas_in_sync, session.uri)
+             "on" if trainer.jit_compile.value else "off", trainer.strategy.num_replicas_in_sync, session.shown_uri)
     if trainer.scorer.split == "test":
         log.warning("no validation set (data.validation_size is 0): every epoch is scored on the test set, as the "
                     "tutorial does, so the test numbers of a run chosen by them are optimistic")
@@ -101,11 +101,12 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         if data.source is not None:  # what it trained on, and what chose its epochs: every one a training scores
             lineage.log_dataset(session, data.source, params.data, "train")
             lineage.log_dataset(session, data.source, params.data, trainer.scorer.split)
-        progress = trainer.fit(progress, checkpoint, lambda epoch, metrics: session.log_metrics(metrics, epoch))
+        progress = trainer.fit(progress, checkpoint,
+                               lambda epoch, metrics: session.log_missing_epochs([{"epoch": epoch, **metrics}]))
         final = final_metrics(progress.history, trainer.scorer.split)
         write_outputs(trainer, progress, final, outputs)
         runs.write_run_reference(outputs.run, run)
-        session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True)
+        session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True, what="final metrics")
         example = trainer.scorer.images[:2].astype(np.float32)
         session.log_model_once(lambda client, run_id: log_model(client, run_id, outputs.model, example))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.

@@ -7,6 +7,7 @@ import subprocess
 
 import mlflow
 import pytest
+from mlflow.protos import databricks_pb2
 
 from cvae_pipeline.config import TrackingParams
 from cvae_pipeline.evaluation.train_outputs import Upstream
@@ -212,3 +213,28 @@ def test_a_store_that_fails_on_a_read_stops_in_one_line_or_goes_offline(store, m
         reads[read](session)
     optional = tracking.Session(CFG.model_copy(update={"required": False}))
     assert reads[read](optional) in (None, []) and optional.offline
+
+
+REFUSALS = [(databricks_pb2.UNAUTHENTICATED,
+             "refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+            (databricks_pb2.PERMISSION_DENIED,
+             "refused reader the permission (HTTP 403) to write to experiment 'e': ask its admin to grant EDIT")]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("required", [True, False])
+@pytest.mark.parametrize(("code", "says"), REFUSALS)
+def test_a_server_that_refuses_the_user_stops_in_one_line_whatever_tracking_required_says(store, monkeypatch, code,
+                                                                                          says, required):
+    from mlflow.exceptions import MlflowException
+
+    def refused(client, name, uri):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with error "
+                              "code 401 != 200. Response body: 'You are not authenticated.'", error_code=code)
+
+    monkeypatch.setattr(tracking, "ensure_experiment", refused)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    session = tracking.Session(CFG.model_copy(update={"required": required}))
+    with pytest.raises(tracking.TrackingError) as stopped:
+        session.connect()  # before any work: the stage checks the credentials first
+    assert says in str(stopped.value) and "\n" not in str(stopped.value)

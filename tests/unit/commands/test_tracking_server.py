@@ -1,0 +1,86 @@
+"""`make mlflow-server`'s checks: authentication beyond loopback, and no secret on its command line."""
+
+import argparse
+import configparser
+import os
+from pathlib import Path
+
+import pytest
+
+from cvae_pipeline.commands import tracking_server
+from cvae_pipeline.commands.tracking_server import ServerError, server_command
+
+ADMIN_PASSWORD = "the-admins-password-42"
+
+
+def arguments(tmp_path, **given) -> argparse.Namespace:
+    values = {"host": "127.0.0.1", "port": 5001, "store": f"sqlite:///{tmp_path}/s.db", "artifacts": str(tmp_path),
+              "allowed_hosts": "", "auth": "auto", "auth_store": f"sqlite:///{tmp_path}/auth.db",
+              "default_permission": "READ", "state": tmp_path / "state"}
+    return argparse.Namespace(**{**values, **given})
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch):
+    for name in ("MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+
+
+def test_on_loopback_it_is_mlflows_server_with_a_sql_store_and_served_artifacts(tmp_path):
+    command, env = server_command(arguments(tmp_path))
+    assert command[1:] == ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/s.db", "--artifacts-destination",
+                           str(tmp_path), "--serve-artifacts", "--host", "127.0.0.1", "--port", "5001"]
+    assert "MLFLOW_AUTH_CONFIG_PATH" not in env
+    named, _ = server_command(arguments(tmp_path, allowed_hosts="mlflow.internal,mlflow.internal:5000"))
+    assert named[-2:] == ["--allowed-hosts", "mlflow.internal,mlflow.internal:5000"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "mlflow.internal", "::"])
+def test_beyond_loopback_it_runs_mlflows_basic_auth_app_with_the_password_in_the_environment_only(tmp_path, host):
+    command, env = server_command(arguments(tmp_path, host=host))
+    assert command[-2:] == ["--app-name", "basic-auth"]
+    config = configparser.ConfigParser()
+    config.read(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert config["mlflow"]["database_uri"] == f"sqlite:///{tmp_path}/auth.db"
+    assert config["mlflow"]["default_permission"] == "READ" and config["mlflow"]["admin_username"] == "admin"
+    assert ADMIN_PASSWORD not in " ".join(command) + Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == ADMIN_PASSWORD  # MLflow reads it from there
+    assert len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) >= 32
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.0.7", "mlflow.internal"])
+def test_beyond_loopback_without_authentication_it_refuses_saying_why(tmp_path, host):
+    with pytest.raises(ServerError, match=rf"SERVER_HOST={host} lets other machines reach the server, and "
+                                          "SERVER_AUTH=none would let anyone"):
+        server_command(arguments(tmp_path, host=host, auth="none"))
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        command, _ = server_command(arguments(tmp_path, host=loopback, auth="none"))
+        assert "--app-name" not in command
+
+
+@pytest.mark.parametrize("option", ["store", "auth_store"])
+@pytest.mark.parametrize("uri", ["postgresql://mlflow:secret@db/mlflow", "postgresql://mlflow@db/mlflow?password=x",
+                                 "postgresql://mlflow@db/mlflow?sslmode=require&password=x"])
+def test_a_password_in_a_store_uri_is_refused(tmp_path, option, uri):
+    with pytest.raises(ServerError, match=f"{option.upper()} holds a password"):
+        server_command(arguments(tmp_path, host="0.0.0.0", **{option: uri}))
+
+
+def test_a_configuration_file_of_the_users_own_is_used_only_when_no_one_else_can_read_it(tmp_path, monkeypatch):
+    own = tmp_path / "basic_auth.ini"
+    own.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///a.db\nadmin_password = "
+                   f"{ADMIN_PASSWORD}\n")
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(own))
+    os.chmod(own, 0o644)
+    with pytest.raises(ServerError, match=r"others can read it \(mode 644\): chmod 600"):
+        server_command(arguments(tmp_path, host="0.0.0.0"))
+    os.chmod(own, 0o600)
+    _, env = server_command(arguments(tmp_path, host="0.0.0.0"))
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(own)
+
+
+def test_without_mlflows_auth_extra_it_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking_server.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ServerError, match=r"needs MLflow's auth extra"):
+        server_command(arguments(tmp_path, host="0.0.0.0"))
