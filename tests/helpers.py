@@ -1,11 +1,13 @@
 """What the tests share: small IDX datasets, temporary copies of the repository, stage runs in them, and readers of
 what they left in MLflow. The fixtures built on these are in conftest.py."""
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -289,3 +291,17 @@ def timeless(history):
     from cvae_pipeline.training.loop import TIMING_COLUMNS
 
     return history.drop(columns=list(TIMING_COLUMNS))
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """A real limit on the size of every file this process writes (as a full disk would stop a write), lifted after;
+    a write past it fails with EFBIG instead of killing the process (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

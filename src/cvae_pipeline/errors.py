@@ -23,3 +23,7 @@ class TrainingError(UserInputError):
 
 class TrackingError(UserInputError):
     """The MLflow store does not answer (and `tracking.required` is true)."""
+
+
+class DiskFullError(UserInputError):
+    """A file could not be written for want of space: a full disk, a quota, or a file-size limit."""

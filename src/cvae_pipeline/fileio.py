@@ -1,6 +1,8 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one. A write that runs out of space
+(a full disk, a quota, a file-size limit) stops the stage in one line naming the file, the previous one kept."""
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -9,6 +11,11 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from cvae_pipeline.errors import DiskFullError
+
+# How the system says that a write found no room: no space on the device, a quota exceeded, a file-size limit.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # What reading a truncated or corrupt file (a zip archive, .npz or .keras, compressed or not) raises.
 DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -31,8 +38,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(temporary_path, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary_path, target)
+    except Exception as error:
+        no_room = _no_room(error)
+        if no_room is None:
+            raise
+        kept = f"the previous {target.name} is kept as it was" if target.exists() else "nothing was written"
+        raise DiskFullError(f"{target}: cannot be written ({os.strerror(no_room.errno)}); {kept}. Free some space "
+                            "(or raise the limit) and run the stage again") from None
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def _no_room(error: BaseException | None) -> OSError | None:
+    """The OSError saying there was no room, in `error` or what caused it (writers such as Keras wrap it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def remove_leftover_temporaries(path: str | Path) -> list[Path]:

@@ -57,9 +57,11 @@ def test_the_documented_team_setup_has_no_secret_in_a_command():
     section = readme.split("## Team setup", 1)[1].split("\n## ", 1)[0]
     commands = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
     assert "PGPASSWORD" in commands and "AWS_SECRET_ACCESS_KEY" in commands
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in commands and "read -rs MLFLOW_TRACKING_PASSWORD" in commands
     assert "postgresql://" in commands and not re.search(r"://[^/@\s]+:[^/@\s]+@", commands), "a password in a URI"
     code = "\n".join(line.split("#", 1)[0] for line in commands.splitlines())  # what runs, not the comments
-    assert not re.search(r"(PGPASSWORD|AWS_SECRET_ACCESS_KEY)=|secret_access_key|access_key_id", code), code
+    secrets = r"(PGPASSWORD|AWS_SECRET_ACCESS_KEY|MLFLOW_TRACKING_PASSWORD|MLFLOW_AUTH_ADMIN_PASSWORD)="
+    assert not re.search(secrets + "|secret_access_key|access_key_id", code), code
     assert "dvc remote modify --local team credentialpath" in code  # DVC's keys: a file named in config.local
 
 
