@@ -45,6 +45,14 @@ class Outbox:
         with self._lock:
             return [what for what, _ in self._pending.values()]
 
+    def lacking(self, run_id: str) -> str | None:
+        """What run `run_id` lacks while the server is away, in a sentence; None when nothing waits."""
+        missing = self.missing
+        if not missing:
+            return None
+        return (f"MLflow server {shown(self.uri)} went away during the stage and has not come back: run {run_id} "
+                f"lacks {', '.join(dict.fromkeys(missing))}")
+
     def send(self, what: str, write: Callable[[], None]) -> None:
         """Send `write` after whatever waits; while the server is away, keep it. Raises what the write raised when
         that is not the server being away (a refused request, a bug)."""

@@ -1,19 +1,15 @@
 """MLflow: a stage's session with the store, the one place where the project talks to it.
 
-`Session` holds where the store is, a client of it, and the run the stage opened, by id: nothing here uses MLflow's
-global active run. Every exchange with the store goes through `Session.call`, which turns a failure of the store into
-the stage's one-line stop (`tracking.required: true`) or into offline mode (`false`: from then on writes do nothing
-and reads find nothing, while the DVC files keep every metric), for reads as for writes. Any other error is a bug in
-the caller, raised as it is. A server that refuses the credentials (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)
-or the permission stops the stage in one line, whatever `tracking.required` says.
+`Session` holds where the store is, a client of it, and the run the stage opened, by id (never MLflow's global active
+run). Every exchange goes through `Session.call`, which turns a failure of the store, on a read as on a write, into
+the stage's one-line stop (`tracking.required: true`) or offline mode (`false`: writes do nothing, reads find nothing,
+the DVC files keep every metric); any other error is a bug in the caller, raised as it is. A server that refuses the
+credentials or the permission stops the stage in one line, whatever `tracking.required` says. A server that goes away
+mid-stage does not stop it: its writes wait in an `Outbox` until it answers; one still away at the end stops the stage
+in one line, and the next `dvc repro` logs what is missing without training again.
 
-A tracking server that goes away in the middle of a stage does not stop it: its writes wait in an `Outbox` and reach
-the server when it answers again. One still away when the stage ends stops it in one line (`tracking.required: true`;
-a warning otherwise), its outputs written: the next `dvc repro` logs what is missing, without training again.
-
-Which run a stage logs into, and what a run is named and tagged, is `runs`' decision; where the store is and whether
-it answers, `store`'s. A run whose process died (kill -9, power loss) is marked KILLED by the next stage that opens the
-store on the same host, so none stays RUNNING forever. Logging is idempotent where a killed stage may repeat it: a
+Which run a stage logs into is `runs`' decision; where the store is and whether it answers, `store`'s. A run whose
+process died is marked KILLED by the next stage that opens the store on the same host. Every write is idempotent: a
 metric is logged once per step, a model once per run.
 """
 
@@ -31,9 +27,12 @@ from cvae_pipeline.tracking.outbox import Outbox
 from cvae_pipeline.tracking.store import (
     URI_ENV,
     ensure_experiment,
-    is_server,
+    logged_models_of,
+    refusal,
+    shorten_retries,
     shown,
     start_run,
+    start_system_metrics,
     store_errors,
     store_lock,
     tracking_uri,
@@ -43,10 +42,6 @@ from cvae_pipeline.tracking.store import (
 log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
-
-# MLflow's client retries a request to a server for about four minutes by default; a stage whose server went away
-# keeps its writes for later instead (the outbox), and should not stall training meanwhile. The user's own settings win.
-HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class Session:
@@ -69,9 +64,7 @@ class Session:
         """Check the store, once: that it answers and takes the credentials. One that does not answer raises
         TrackingError when `tracking.required`, else the session goes offline. True when online."""
         if not self.checked:
-            if is_server(self.uri):
-                for name, value in HTTP_RETRIES.items():
-                    os.environ.setdefault(name, value)
+            shorten_retries(self.uri)
             problem = unanswered(self.uri)
             message = f"MLflow tracking server {self.shown_uri} does not answer ({problem})"
             if problem is not None and self.cfg.required:  # not remembered: the next check tries again
@@ -117,16 +110,9 @@ class Session:
     def _failed(self, error: Exception) -> None:
         if not isinstance(error, store_errors()):
             raise error
-        code = getattr(error, "error_code", None)
-        if code == "UNAUTHENTICATED":
-            raise TrackingError(f"MLflow server {self.shown_uri} refused the credentials (HTTP 401): set "
-                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of it and that "
-                                "user's password (docs/team.md)") from None
-        if code == "PERMISSION_DENIED":
-            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
-            raise TrackingError(f"MLflow server {self.shown_uri} refused {user} the permission (HTTP 403) to write "
-                                f"to experiment {self.cfg.experiment!r}: ask its admin to grant EDIT on it, or set "
-                                "tracking.experiment to one of your own (docs/team.md)") from None
+        stop = refusal(error, self.uri, self.cfg.experiment)
+        if stop is not None:  # credentials are not fixed by going on without MLflow
+            raise stop from None
         what = " ".join(f"{type(error).__name__}: {error}".split())
         what = what if len(what) <= 300 else what[:300] + " ..."
         if self.cfg.required:
@@ -170,7 +156,7 @@ class Session:
     def logged_models(self, run_id: str, ready: bool = True) -> list:
         """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others,
         which a process killed while logging left behind."""
-        return self.call(lambda client: _logged_models(client, run_id, ready), [])
+        return self.call(lambda client: logged_models_of(client, run_id, ready), [])
 
     def training_model(self, run_id: str):
         """The model that a training run logged (`.model_id`, `.model_uri`), or None."""
@@ -194,7 +180,7 @@ class Session:
             yield None
             return
         self.run_id = run.info.run_id
-        monitor = self._monitor(resumed=run_id is not None) if system_metrics else None
+        monitor = start_system_metrics(self.run_id, self.uri, resumed=run_id is not None) if system_metrics else None
         try:
             yield run
         except KeyboardInterrupt:
@@ -203,7 +189,11 @@ class Session:
         except BaseException:
             self._end("FAILED", monitor)
             raise
-        self._deliver_or_say(run)
+        try:
+            self._deliver_or_say(run)
+        except BaseException:
+            self._end("FAILED", monitor)
+            raise
         self._end("FINISHED", monitor)
 
     def _deliver_or_say(self, run) -> None:
@@ -213,28 +203,14 @@ class Session:
             self.outbox.flush()
         except Exception as error:
             self._failed(error)
-        missing = self.outbox.missing
-        if not missing:
+        message = self.outbox.lacking(run.info.run_id)
+        if message is None:
             return
-        message = (f"MLflow server {self.shown_uri} went away during the stage and has not come back: run "
-                   f"{run.info.run_id} lacks {', '.join(dict.fromkeys(missing))}")
         if not self.cfg.required:
             log.warning("%s; they stay in the DVC files (tracking.required is false)", message)
             return
         raise TrackingError(f"{message}. The stage's work is done and kept: once the server answers, `dvc repro` "
                             "logs it (train resumes from its checkpoint, without training again)")
-
-    def _monitor(self, resumed: bool):
-        """MLflow's sampler of system metrics, logging into the open run; None (and a warning) if it cannot start."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        try:
-            monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
-            monitor.start()
-        except Exception as error:  # as MLflow's start_run: the run goes on without them
-            log.warning("MLflow's system metrics could not start (%s: %s)", type(error).__name__, error)
-            return None
-        return monitor
 
     def _end(self, status: str, monitor) -> None:
         run_id, self.run_id = self.run_id, None
@@ -332,17 +308,10 @@ class Session:
         resumed after its model was logged): one model per training. An unfinished one, left by a kill mid-upload, is
         deleted first."""
         def log(client, run_id) -> None:
-            if _logged_models(client, run_id):
+            if logged_models_of(client, run_id):
                 return
-            for unfinished in _logged_models(client, run_id, ready=False):
+            for unfinished in logged_models_of(client, run_id, ready=False):
                 client.delete_logged_model(unfinished.model_id)
             log_model(client, run_id)
 
         self._write("model", log)
-
-
-def _logged_models(client, run_id: str, ready: bool = True) -> list:
-    found = client.search_logged_models([client.get_run(run_id).info.experiment_id],
-                                        filter_string=f"source_run_id = '{run_id}'",
-                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
-    return [model for model in found if str(model.status).endswith("READY") == ready]

@@ -1,5 +1,5 @@
-"""Where the MLflow store is, whether it answers, and its housekeeping: the experiment, starting a run, and runs left
-RUNNING by processes that died.
+"""Where the MLflow store is, whether it answers, how a server says no, and the store's housekeeping: the experiment,
+starting a run, runs left RUNNING by processes that died, a run's logged models and its system metrics.
 
 The default store is SQLite `mlflow.db` at the root of the *main* repository, found by absolute path so that a
 stage running in a `dvc exp run --queue/--temp` copy (under `<root>/.dvc/tmp/exps/`) still logs into it.
@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.errors import TrackingError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,34 @@ def shown(uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
+# MLflow's client retries a request to a server for about four minutes by default; a stage whose server went away
+# keeps its writes for later instead (`outbox`), and should not stall training meanwhile.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def shorten_retries(uri: str) -> None:
+    """Fewer and shorter retries of MLflow's client, for a server store, unless the user set their own."""
+    if is_server(uri):
+        for name, value in HTTP_RETRIES.items():
+            os.environ.setdefault(name, value)
+
+
+def refusal(error: BaseException, uri: str, experiment: str) -> TrackingError | None:
+    """The one-line stop for a server that refused the credentials (401) or the permission (403) in `error`; None
+    for any other error."""
+    code = getattr(error, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        return TrackingError(f"MLflow server {shown(uri)} refused the credentials (HTTP 401): set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of it and that user's "
+                             "password (docs/team.md)")
+    if code == "PERMISSION_DENIED":
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+        return TrackingError(f"MLflow server {shown(uri)} refused {user} the permission (HTTP 403) to write to "
+                             f"experiment {experiment!r}: ask its admin to grant EDIT on it, or set "
+                             "tracking.experiment to one of your own (docs/team.md)")
+    return None
+
+
 def unanswered(uri: str, attempts: int = PROBE_ATTEMPTS) -> str | None:
     """Why an HTTP(S) tracking server does not answer, or None when it does (or the store is not a server)."""
     if not is_server(uri):
@@ -171,3 +199,24 @@ def ensure_experiment(client, name: str, uri: str) -> str:
             if existing is None:
                 raise UserInputError(f"MLflow at {shown(uri)}: cannot create experiment {name!r} ({error})") from None
             return existing.experiment_id
+
+
+def logged_models_of(client, run_id: str, ready: bool = True) -> list:
+    """The models that a run logged, newest first: the complete (READY) ones, or (`ready=False`) the others."""
+    found = client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return [model for model in found if str(model.status).endswith("READY") == ready]
+
+
+def start_system_metrics(run_id: str, uri: str, resumed: bool):
+    """MLflow's sampler of system metrics, logging into the run; None (and a warning) if it cannot start."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+        monitor.start()
+    except Exception as error:  # as MLflow's start_run: the run goes on without them
+        log.warning("MLflow's system metrics could not start (%s: %s)", type(error).__name__, error)
+        return None
+    return monitor

@@ -174,6 +174,11 @@ class Trainer:
                 metrics["learning_rate"] = optimization.current_learning_rate(self.optimizer)
                 metrics["elapsed_seconds"] = earlier + time.perf_counter() - self.started
                 split = self.scorer.split
+                # Weights that blew up in the epoch's last steps score NaN before any step's loss does.
+                if not math.isfinite(metrics[f"{split}_elbo"]):
+                    raise TrainingError(f"training diverged: the {split} ELBO is {metrics[f'{split}_elbo']} after "
+                                        f"epoch {epoch}; try a lower train.learning_rate (now "
+                                        f"{self.params.train.learning_rate:g})")
                 log.info("epoch %d/%d: loss %.2f, %s ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s "
                          "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics["train_loss"], split,
                          metrics[f"{split}_elbo"], metrics[f"{split}_reconstruction"], metrics[f"{split}_kl"],

@@ -261,6 +261,22 @@ def test_a_non_finite_loss_stops_training_at_its_epoch_and_step(small_data, bad)
     assert len(calls) == 2  # stopped at once, not at the end of the epoch
 
 
+@pytest.mark.reliability
+def test_weights_that_score_non_finite_stop_training_at_that_epoch_before_it_is_checkpointed(small_data, tmp_path):
+    trainer = make_trainer(small_params(epochs=3), small_data)
+    scored = trainer.scorer.evaluate
+
+    def blown_up_in_epoch_2():
+        metrics = scored()
+        return {**metrics, "test_elbo": float("nan")} if trainer.state.epoch == 1 else metrics
+
+    trainer.scorer.evaluate = blown_up_in_epoch_2
+    checkpoint = trainer.checkpoint(tmp_path / "c.npz")
+    with pytest.raises(TrainingError, match=r"the test ELBO is nan after epoch 2; try a lower"):
+        trainer.fit(trainer.start(checkpoint), checkpoint)
+    assert checkpoint.read()[0].epoch == 1  # the last epoch that scored is what a rerun resumes from
+
+
 # --- issue 16: the schedule, the background checkpoint ---------------------------------------------
 
 def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoch(small_data, tmp_path):
