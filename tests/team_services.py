@@ -6,6 +6,7 @@ CI); it refuses to run as root, so it then runs as the unprivileged `postgres` u
 """
 
 import contextlib
+import dataclasses
 import glob
 import os
 import pwd
@@ -226,3 +227,23 @@ def tracking_server(database: Postgres, objects: ObjectStore) -> Iterator[Tracki
     finally:
         server.stop()
         server.log.unlink(missing_ok=True)
+
+
+def logged_models(uri: str, experiment: str) -> list:
+    """The experiment's logged models, asked of the server (the fluent API is the one that searches them)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it
+
+
+def fresh_database(server: Postgres) -> Postgres:
+    """A new, empty database on the same PostgreSQL server, for a tracking server of its own."""
+    name = f"mlflow_{secrets.token_hex(4)}"
+    with connect(server) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return dataclasses.replace(server, database=name)

@@ -17,7 +17,6 @@ import ipaddress
 import os
 import re
 import secrets
-import shutil
 import stat
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_bytes_atomic
 
 AUTH_MODES = ("auto", "basic", "none")
+ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
@@ -65,22 +65,42 @@ def owner_only(path: Path) -> None:
                           f"can read it (mode {stat.S_IMODE(mode):o}): chmod 600 {path}")
 
 
-def auth_config(store: str, default_permission: str, folder: Path) -> Path:
+def auth_config(store: str, default_permission: str, path: Path) -> Path:
     """The basic-auth app's configuration: the user's own file (`MLFLOW_AUTH_CONFIG_PATH`, checked), else one written
-    into `folder` that holds no secret (the admin's password stays in the environment)."""
+    to `path` that holds no secret (the admin's password stays in the environment)."""
     given = os.environ.get(AUTH_CONFIG_ENV)
     if given:
         owner_only(Path(given))
         return Path(given)
     check_no_password("SERVER_AUTH_STORE", store)
-    if not os.environ.get(ADMIN_PASSWORD_ENV):
-        print(f"make mlflow-server: {ADMIN_PASSWORD_ENV} is not set; that is fine only when {store} already holds "
-              "the admin user (MLflow refuses to start otherwise)", file=sys.stderr)
-    path = folder / "basic_auth.ini"
+    admin = os.environ.get(ADMIN_USERNAME_ENV) or "admin"
+    if not os.environ.get(ADMIN_PASSWORD_ENV) and not has_user(store, admin):
+        raise ServerError(f"make mlflow-server: {ADMIN_PASSWORD_ENV} is not set, and the users' database "
+                          f"(SERVER_AUTH_STORE={store}) holds no admin {admin!r} yet: export it (from a file only "
+                          "you read) for the server's first start, which creates the admin")
     write_bytes_atomic(path, (f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = {store}\n"
-                              f"admin_username = {os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}\n"
+                              f"admin_username = {admin}\n"
                               "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n").encode())
     return path
+
+
+def has_user(store: str, username: str) -> bool:
+    """Whether the users' database at `store` holds `username`; False also when it does not exist or cannot be read
+    (a SQLite file that is not there is not created)."""
+    import sqlalchemy
+
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        return False
+    engine = sqlalchemy.create_engine(store)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(sqlalchemy.text("SELECT 1 FROM users WHERE username = :name"),
+                                       {"name": username}).first()
+    except sqlalchemy.exc.SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+    return found is not None
 
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -92,7 +112,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
                           "SERVER_AUTH=none would let anyone who reaches it read, change or delete every run and "
                           f"model: use SERVER_AUTH=basic (set {ADMIN_PASSWORD_ENV}; see docs/team.md), or listen "
                           "on 127.0.0.1 behind a reverse proxy that authenticates")
-    command = [shutil.which("mlflow") or "mlflow", "server", "--backend-store-uri", args.store,
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.store,
                "--artifacts-destination", args.artifacts, "--serve-artifacts", "--host", args.host,
                "--port", str(args.port)]
     if args.allowed_hosts:
@@ -103,7 +123,9 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
             raise ServerError("make mlflow-server: SERVER_AUTH=basic needs MLflow's auth extra (Flask-WTF), which "
                               "`make` installs with the lock file; elsewhere: pip install 'cvae-pipeline[team]'")
         command += ["--app-name", "basic-auth"]
-        env[AUTH_CONFIG_ENV] = str(auth_config(args.auth_store, args.default_permission, args.state))
+        # One file per port: two servers started from one checkout must not read each other's.
+        config = args.state / f"basic_auth-{args.port}.ini"
+        env[AUTH_CONFIG_ENV] = str(auth_config(args.auth_store, args.default_permission, config))
         # MLflow's CSRF protection of its login forms needs a key; one per start unless the operator keeps one.
         env.setdefault(SECRET_KEY_ENV, secrets.token_hex(32))
     return command, env

@@ -120,7 +120,7 @@ def refusal(error: BaseException, uri: str, experiment: str) -> TrackingError | 
                              "password (docs/team.md)")
     if code == "PERMISSION_DENIED":
         user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
-        return TrackingError(f"MLflow server {shown(uri)} refused {user} the permission (HTTP 403) to write to "
+        return TrackingError(f"MLflow server {shown(uri)} refused {user} the permission (HTTP 403) it needs on "
                              f"experiment {experiment!r}: ask its admin to grant EDIT on it, or set "
                              "tracking.experiment to one of your own (docs/team.md)")
     return None

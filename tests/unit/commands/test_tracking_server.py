@@ -29,8 +29,9 @@ def environment(monkeypatch):
 
 def test_on_loopback_it_is_mlflows_server_with_a_sql_store_and_served_artifacts(tmp_path):
     command, env = server_command(arguments(tmp_path))
-    assert command[1:] == ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/s.db", "--artifacts-destination",
-                           str(tmp_path), "--serve-artifacts", "--host", "127.0.0.1", "--port", "5001"]
+    assert command[1:] == ["-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/s.db",
+                           "--artifacts-destination", str(tmp_path), "--serve-artifacts", "--host", "127.0.0.1",
+                           "--port", "5001"]
     assert "MLFLOW_AUTH_CONFIG_PATH" not in env
     named, _ = server_command(arguments(tmp_path, allowed_hosts="mlflow.internal,mlflow.internal:5000"))
     assert named[-2:] == ["--allowed-hosts", "mlflow.internal,mlflow.internal:5000"]
@@ -84,3 +85,25 @@ def test_without_mlflows_auth_extra_it_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setattr(tracking_server.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServerError, match=r"needs MLflow's auth extra"):
         server_command(arguments(tmp_path, host="0.0.0.0"))
+
+
+def test_without_an_admin_password_it_refuses_unless_the_users_database_holds_the_admin(tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD")
+    with pytest.raises(ServerError, match=r"MLFLOW_AUTH_ADMIN_PASSWORD is not set, and the users' database .* holds "
+                                          "no admin 'admin' yet"):
+        server_command(arguments(tmp_path, host="0.0.0.0"))
+    assert not (tmp_path / "auth.db").exists()  # looked for, not created
+    with sqlite3.connect(tmp_path / "auth.db") as database:  # as MLflow's first start leaves it
+        database.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT, password_hash TEXT)")
+        database.execute("INSERT INTO users (username, password_hash) VALUES ('admin', 'x')")
+    command, _ = server_command(arguments(tmp_path, host="0.0.0.0"))
+    assert command[-2:] == ["--app-name", "basic-auth"]
+
+
+def test_two_servers_from_one_checkout_each_read_their_own_configuration(tmp_path):
+    _, first = server_command(arguments(tmp_path, host="0.0.0.0", port=5001, auth_store="sqlite:///one.db"))
+    _, second = server_command(arguments(tmp_path, host="0.0.0.0", port=5002, auth_store="sqlite:///two.db"))
+    assert first["MLFLOW_AUTH_CONFIG_PATH"] != second["MLFLOW_AUTH_CONFIG_PATH"]
+    assert "one.db" in Path(first["MLFLOW_AUTH_CONFIG_PATH"]).read_text()

@@ -218,7 +218,7 @@ def test_a_store_that_fails_on_a_read_stops_in_one_line_or_goes_offline(store, m
 REFUSALS = [(databricks_pb2.UNAUTHENTICATED,
              "refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
             (databricks_pb2.PERMISSION_DENIED,
-             "refused reader the permission (HTTP 403) to write to experiment 'e': ask its admin to grant EDIT")]
+             "refused reader the permission (HTTP 403) it needs on experiment 'e': ask its admin to grant EDIT")]
 
 
 @pytest.mark.reliability
