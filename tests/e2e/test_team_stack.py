@@ -131,6 +131,9 @@ def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
     stored = objects.keys("mlflow-artifacts/")
     assert any(key.endswith("figures/reconstructions.png") for key in stored)  # in the bucket, by the server
     assert any(key.endswith("MLmodel") for key in stored)
+    promoted = _succeeds([*MAKE_IN_COPY, "promote"], repo, **stack["admin"], MLFLOW_TRACKING_URI=uri)
+    assert client.get_model_version_by_alias("cvae-mnist", "champion").run_id == found.info.run_id
+    assert password not in promoted
 
     _succeeds(["dvc", "push"], repo)
     assert objects.keys("dvc-storage/")
