@@ -107,8 +107,9 @@ smoke: $(STAMP)
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
 
+# Not echoed: a SERVER_STORE that holds a password by mistake is refused, not shown. The command says what it starts.
 mlflow-server: $(STAMP)
-	python -m cvae_pipeline.commands.tracking_server --host '$(SERVER_HOST)' --port '$(SERVER_PORT)' \
+	@python -m cvae_pipeline.commands.tracking_server --host '$(SERVER_HOST)' --port '$(SERVER_PORT)' \
 		--store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' --allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
 		--auth '$(SERVER_AUTH)' --auth-store '$(SERVER_AUTH_STORE)' --default-permission '$(SERVER_PERMISSION)' \
 		--state '$(CURDIR)/.mlflow-server'

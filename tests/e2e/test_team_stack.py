@@ -49,6 +49,7 @@ def test_make_mlflow_server_takes_the_passwords_from_the_environment_only():
                                  capture_output=True, text=True)
         assert refused.returncode == 2, store
         assert refused.stderr.startswith("make mlflow-server: SERVER_STORE holds a password"), refused.stderr
+        assert secret not in refused.stdout + refused.stderr  # refused, not echoed
 
 
 def test_the_documented_team_setup_has_no_secret_in_a_command():

@@ -24,6 +24,7 @@ from pathlib import Path
 from cvae_pipeline.cli import run_stage
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_bytes_atomic
+from cvae_pipeline.tracking.store import shown
 
 AUTH_MODES = ("auto", "basic", "none")
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.auth_store:
         args.auth_store = f"sqlite:///{(args.state / 'basic_auth.db').resolve()}"
     command, env = server_command(args)
-    sys.stdout.flush()
+    print(f"make mlflow-server: http://{args.host}:{args.port}, runs in {shown(args.store)}, artifacts in "
+          f"{shown(args.artifacts)}, " + ("users and passwords required" if "--app-name" in command
+                                          else "no login (loopback only)"), flush=True)
     os.execve(command[0], command, env)
 
 
