@@ -141,14 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allowed-hosts", default="", help="host names clients may use, beyond MLflow's default")
     parser.add_argument("--auth", choices=AUTH_MODES, default="auto",
                         help="basic: MLflow's basic-auth app; auto: basic beyond loopback (default)")
-    parser.add_argument("--auth-store", default="", help="the database of users and permissions (--auth basic)")
+    parser.add_argument("--auth-store", required=True, help="the database of users and permissions (--auth basic)")
     parser.add_argument("--default-permission", default="READ", choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"),
                         help="what a user may do with an experiment nobody granted them (default: %(default)s)")
     parser.add_argument("--state", type=Path, default=Path(".mlflow-server"),
                         help="a folder for the generated auth configuration (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not args.auth_store:
-        args.auth_store = f"sqlite:///{(args.state / 'basic_auth.db').resolve()}"
     command, env = server_command(args)
     print(f"make mlflow-server: http://{args.host}:{args.port}, runs in {shown(args.store)}, artifacts in "
           f"{shown(args.artifacts)}, " + ("users and passwords required" if "--app-name" in command
