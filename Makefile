@@ -24,6 +24,8 @@ export PATH := $(BIN):$(PATH)
 # The MLflow UI: loopback only unless UI_HOST says otherwise (it has no authentication).
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+# One person's browser needs one server process (MLflow's default, 4, loads MLflow four times over).
+UI_WORKERS ?= 1
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
 # A team's tracking server: a SQL backend store and artifacts served by the server itself (clients need no access to
 # the artifact storage). Point SERVER_STORE at PostgreSQL and SERVER_ARTIFACTS at object storage in production
@@ -42,6 +44,8 @@ SERVER_AUTH ?= auto
 SERVER_AUTH_STORE ?= sqlite:///$(CURDIR)/mlflow-server-auth.db
 # What a user may do with an experiment nobody granted them anything on: READ, EDIT, MANAGE or NO_PERMISSIONS.
 SERVER_PERMISSION ?= READ
+# Server processes, each of which loads MLflow (about 5 s of CPU and 300 MB at start): MLflow's default, 4.
+SERVER_WORKERS ?= 4
 COMPARE := reports/compare
 # make sweep: the params to sweep, as `dvc exp run -S` takes them, separated by spaces; J workers (no more than cores).
 S ?=
@@ -105,12 +109,14 @@ smoke: $(STAMP)
 	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability or training)"
 
 ui: $(STAMP)
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT)
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT) \
+		--workers $(UI_WORKERS)
 
 # Not echoed: a SERVER_STORE that holds a password by mistake is refused, not shown. The command says what it starts.
 mlflow-server: $(STAMP)
 	@python -m cvae_pipeline.commands.tracking_server --host '$(SERVER_HOST)' --port '$(SERVER_PORT)' \
-		--store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' --allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
+		--workers '$(SERVER_WORKERS)' --store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' \
+		--allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
 		--auth '$(SERVER_AUTH)' --auth-store '$(SERVER_AUTH_STORE)' --default-permission '$(SERVER_PERMISSION)' \
 		--state '$(CURDIR)/.mlflow-server'
 

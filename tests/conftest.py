@@ -4,7 +4,15 @@ import os
 
 import pytest
 
-from helpers import make_repo_copy, synthetic_digits, write_fake_mnist
+from helpers import (
+    QUICK_EVALUATION,
+    copy_repository,
+    make_repo_copy,
+    run,
+    setup_copy,
+    synthetic_digits,
+    write_fake_mnist,
+)
 
 # With CVAE_TESTS_NO_SKIPS set (as CI sets it), a test that skips itself fails.
 pytest_plugins = ["no_skips"]
@@ -34,3 +42,24 @@ def small_data():
     train, test = synthetic_digits(512, seed=1), synthetic_digits(128, seed=2)
     return PreparedData(Split(*train), Split(*test))
 
+
+@pytest.fixture(scope="session")
+def pipeline_template(tmp_path_factory):
+    """A repository copy in which the tiny pipeline ran once (`dvc repro`, its outputs not committed), and the
+    environment of its stages: built once per test process, for the tests that start where a finished run leaves off."""
+    folder = tmp_path_factory.mktemp("pipeline-template")
+    repo = make_repo_copy(folder / "repo")
+    # MLflow samples system metrics every 10 s by default, longer than this training: every second here.
+    env = {**setup_copy(repo, write_fake_mnist(folder), evaluate=QUICK_EVALUATION),
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    done = run(["dvc", "repro"], repo, **env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return repo, env
+
+
+@pytest.fixture
+def ran_pipeline(tmp_path, pipeline_template):
+    """A copy of `pipeline_template` of the test's own (at tmp_path/repo), and the environment of its stages: as if
+    the test had run `dvc repro` there, without running it again."""
+    source, env = pipeline_template
+    return copy_repository(source, tmp_path / "repo"), dict(env)

@@ -12,9 +12,11 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +110,26 @@ def make_repo_copy(copy: Path) -> Path:
     return copy
 
 
+def copy_repository(source: Path, copy: Path) -> Path:
+    """A copy at `copy` of a repository copy in which the pipeline ran: its files, Git history, DVC cache and MLflow
+    store, as if it had run there. MLflow records where artifacts are as absolute paths (in its database, and in each
+    logged model's MLmodel): they are moved to the copy. DVC's own temporary state is left behind; DVC rebuilds it."""
+    shutil.copytree(source, copy, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder) == source / ".dvc" else [])
+    old, new = f"{source}/", f"{copy}/"
+    for model in (copy / "mlruns").rglob("MLmodel"):
+        model.write_text(model.read_text().replace(old, new))
+    if (copy / "mlflow.db").exists():
+        with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as store, store:
+            tables = [row[0] for row in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in [row[1] for row in store.execute(f'PRAGMA table_info("{table}")')
+                               if row[2].upper().startswith(("VARCHAR", "TEXT"))]:
+                    store.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                  f'WHERE instr("{column}", ?) > 0', (old, new, old))
+    return copy
+
+
 def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Binary 28x28 images with structure a VAE can learn: one of ten fixed templates, with 2% of pixels flipped."""
     rng = np.random.default_rng(seed)
@@ -154,6 +176,9 @@ TINY = {"data": {"validation_size": 100},  # of the fake MNIST's 300 training im
         "train": {"epochs": 2, "batch_size": 50, "learning_rate": 1e-3, "precision": "float32"}}
 
 
+QUICK_EVALUATION = {"iwae_k": 5, "samples": 1}  # the evaluate section of the tests' pipelines
+
+
 def setup_copy(repo, fake_mnist, **sections):
     """Point the copy at the fake mirror and make its params tiny; returns the environment for its stages."""
     mirror, manifest, _ = fake_mnist
@@ -171,17 +196,44 @@ def runs_in(repo):
     return mlflow.search_runs(experiment_names=["cvae-mnist"])
 
 
+# Loaded as sitecustomize by the Python processes of `kill_training_once_checkpointed`'s `dvc repro`: the train stage
+# stops itself (SIGSTOP) once its first checkpoint is whole, after writing the file that PAUSED names. So the kill finds
+# it there however fast its epochs run, and a test need not train many epochs to give a poll time to see them.
+PAUSE_AT_CHECKPOINT = """
+import os, signal, sys
+if os.environ.get("CVAE_TEST_PAUSED") and sys.argv and sys.argv[0].endswith("stages/train.py"):
+    sys.path.insert(0, os.path.join(os.getcwd(), "src"))  # the copy's code, as the stage itself imports it
+    from cvae_pipeline.training.checkpoints import Checkpoint
+    saved = Checkpoint.save
+
+    def save_then_pause(self, *args, **kwargs):
+        saved(self, *args, **kwargs)
+        open(os.environ["CVAE_TEST_PAUSED"], "w").close()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    Checkpoint.save = save_then_pause
+"""
+
+
 def kill_training_once_checkpointed(repo: Path, **env: str) -> None:
-    """`dvc repro train` in `repo`, its whole process group killed with SIGKILL once an epoch is checkpointed."""
-    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=subprocess_env(**env),
+    """`dvc repro train` in `repo`, its whole process group killed with SIGKILL once epoch 1 is checkpointed (the
+    stage paused there: PAUSE_AT_CHECKPOINT)."""
+    hook = Path(tempfile.mkdtemp(prefix="cvae-pause-"))
+    (hook / "sitecustomize.py").write_text(PAUSE_AT_CHECKPOINT)
+    paused = hook / "paused"
+    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo,
+                               env=subprocess_env(**env, PYTHONPATH=str(hook), CVAE_TEST_PAUSED=str(paused)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = repo / "models/checkpoint.npz"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert process.poll() is None, "training ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    deadline = time.monotonic() + 300
+    try:
+        while not paused.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert paused.exists(), "training ended, or took 300 s, before its first checkpoint"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        shutil.rmtree(hook, ignore_errors=True)
 
 
 def stage_commands(repo: Path) -> dict[str, list[str]]:

@@ -6,7 +6,6 @@ CI); it refuses to run as root, so it then runs as the unprivileged `postgres` u
 """
 
 import contextlib
-import dataclasses
 import glob
 import os
 import pwd
@@ -196,7 +195,7 @@ class TrackingServer:
         auth_store = f"postgresql://{database.user}@{database.host}:{database.port}/{auth_database}"
         self.command = ["make", "mlflow-server", f"SERVER_PORT={self.port}", f"SERVER_STORE={database.url}",
                         f"SERVER_ARTIFACTS=s3://{objects.bucket}/mlflow-artifacts", "SERVER_AUTH=basic",
-                        f"SERVER_AUTH_STORE={auth_store}"]
+                        f"SERVER_AUTH_STORE={auth_store}", "SERVER_WORKERS=2"]  # two, not MLflow's four: 2 cores
         self.env = subprocess_env(PGPASSWORD=database.password, MLFLOW_S3_ENDPOINT_URL=objects.endpoint,
                                   MLFLOW_AUTH_ADMIN_PASSWORD=self.admin["MLFLOW_TRACKING_PASSWORD"], **objects.env)
         self.log = Path(tempfile.mkstemp(prefix="cvae-server-", suffix=".log")[1])
@@ -240,10 +239,3 @@ def logged_models(uri: str, experiment: str) -> list:
         mlflow.set_tracking_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it
 
-
-def fresh_database(server: Postgres) -> Postgres:
-    """A new, empty database on the same PostgreSQL server, for a tracking server of its own."""
-    name = f"mlflow_{secrets.token_hex(4)}"
-    with connect(server) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    return dataclasses.replace(server, database=name)

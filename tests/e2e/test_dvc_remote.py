@@ -5,11 +5,9 @@ import subprocess
 
 import pytest
 
-from helpers import make_repo_copy, run, setup_copy
+from helpers import QUICK_EVALUATION, make_repo_copy, run, setup_copy
 
 pytestmark = pytest.mark.slow
-
-TINY_EVALUATION = {"iwae_k": 5, "samples": 1}
 
 
 def git(*args: str, cwd) -> str:
@@ -32,10 +30,8 @@ def test_the_default_remote_is_a_directory_beside_the_repository(tmp_path):
     assert succeeds(["dvc", "config", "core.remote"], repo).strip() == "storage"
 
 
-def test_pushed_outputs_pulled_into_a_fresh_clone_need_no_retraining(tmp_path, fake_mnist):
-    repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, fake_mnist, evaluate=TINY_EVALUATION)
-    succeeds(["dvc", "repro"], repo, **env)
+def test_pushed_outputs_pulled_into_a_fresh_clone_need_no_retraining(tmp_path, ran_pipeline):
+    repo, _ = ran_pipeline  # at tmp_path/repo: the remote is beside it
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "trained", cwd=repo)
     succeeds(["dvc", "push"], repo)
@@ -55,7 +51,7 @@ def test_an_experiment_round_trips_through_exp_push_and_exp_pull(tmp_path, fake_
     origin = tmp_path / "origin.git"
     git("init", "-q", "--bare", str(origin), cwd=tmp_path)
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, fake_mnist, evaluate=TINY_EVALUATION)
+    env = setup_copy(repo, fake_mnist, evaluate=QUICK_EVALUATION)
     git("commit", "-qam", "tiny", cwd=repo)
     git("remote", "add", "origin", str(origin), cwd=repo)
     git("push", "-q", "origin", "HEAD", cwd=repo)

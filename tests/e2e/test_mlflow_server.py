@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 def server(tmp_path):
     """`make mlflow-server` itself, with its store and artifacts in a temporary folder and on a free port."""
     port, store, artifacts = free_port(), tmp_path / "server.db", tmp_path / "served-artifacts"
-    overrides = [f"SERVER_PORT={port}", f"SERVER_STORE=sqlite:///{store}", f"SERVER_ARTIFACTS={artifacts}"]
+    overrides = [f"SERVER_PORT={port}", f"SERVER_STORE=sqlite:///{store}", f"SERVER_ARTIFACTS={artifacts}",
+                 "SERVER_WORKERS=1"]  # each worker loads MLflow: one is enough for one client
     base = f"http://127.0.0.1:{port}"
     with server_process(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env()) as (process, log):
         wait_for_http(f"{base}/health", process, "make mlflow-server", log)
@@ -38,6 +39,7 @@ def server(tmp_path):
 def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_default():
     dry_run = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host '127.0.0.1'" in dry_run and "--auth 'auto'" in dry_run  # auto: no login on loopback
+    assert "--workers '4'" in dry_run  # MLflow's default
     assert f"--store 'sqlite:///{REPO}/mlflow-server.db'" in dry_run
     named = subprocess.run(["make", "-n", "mlflow-server", "SERVER_ALLOWED_HOSTS=mlflow.internal,mlflow.internal:5000",
                             "SERVER_HOST=0.0.0.0", "SERVER_AUTH=basic", "SERVER_PERMISSION=NO_PERMISSIONS"],

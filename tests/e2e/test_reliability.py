@@ -235,7 +235,7 @@ def test_tracking_not_required_trains_anyway_and_keeps_the_metrics_in_dvc(repo_c
 
 @pytest.mark.reliability
 def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reaches_it(repo_copy, fake_mnist):
-    env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, train={**TINY["train"], "epochs": 20})
+    env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, train={**TINY["train"], "epochs": 3})
     assert run(["dvc", "repro", "prepare"], repo_copy, **env).returncode == 0
     # Trains without MLflow until killed.
     kill_training_once_checkpointed(repo_copy, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_closed_port()}", **env)
@@ -247,5 +247,5 @@ def test_epochs_trained_while_mlflow_was_down_are_logged_when_a_resumed_run_reac
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     logged = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "validation_elbo")
     history = pd.read_csv(repo_copy / "reports/train_history.csv")
-    assert [metric.step for metric in logged] == history["epoch"].tolist() == list(range(1, 21))
+    assert [metric.step for metric in logged] == history["epoch"].tolist() == [1, 2, 3]
     assert [metric.value for metric in logged] == pytest.approx(history["validation_elbo"].tolist(), rel=1e-5)

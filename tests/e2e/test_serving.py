@@ -24,33 +24,27 @@ from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import (
     HIDE_THE_PROJECT,
     NO_PICKLE,
+    copy_repository,
     free_port,
-    make_repo_copy,
     model_params,
     predict_in_fresh_process,
     run,
     runs_in,
-    setup_copy,
     subprocess_env,
-    write_fake_mnist,
 )
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow
 
-QUICK = {"evaluate": {"iwae_k": 5, "samples": 1}}
-SYSTEM_METRICS = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # MLflow's default, 10 s, is longer than training
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, pipeline_template):
     """A copy with two finished trainings (learning rates 1e-3, then an experiment at 1e-5), each evaluated."""
-    folder = tmp_path_factory.mktemp("serving")
-    repo = make_repo_copy(folder / "repo")
-    env = {**setup_copy(repo, write_fake_mnist(folder), **QUICK), **SYSTEM_METRICS}
-    for command in (["dvc", "repro"], ["dvc", "exp", "run", "-S", "train.learning_rate=1e-5"]):
-        done = run(command, repo, **env)
-        assert done.returncode == 0, done.stderr[-3000:]
+    source, env = pipeline_template[0], dict(pipeline_template[1])  # its training sampled system metrics each second
+    repo = copy_repository(source, tmp_path_factory.mktemp("serving") / "repo")
+    done = run(["dvc", "exp", "run", "-S", "train.learning_rate=1e-5"], repo, **env)
+    assert done.returncode == 0, done.stderr[-3000:]
     store = f"sqlite:///{repo / 'mlflow.db'}"
     yield {"repo": repo, "env": {**env, "MLFLOW_TRACKING_URI": store}, "store": store, "runs": runs_in(repo)}
     mlflow.set_tracking_uri(None)

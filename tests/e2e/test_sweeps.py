@@ -146,10 +146,11 @@ def ui(sweep):
     """The real MLflow UI server, started as `make ui` starts it, on a free loopback port."""
     dry_run = subprocess.run(["make", "-n", "ui"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host 127.0.0.1" in dry_run  # loopback by default, never 0.0.0.0
+    assert "--workers 1" in dry_run
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep['repo'] / 'mlflow.db'}", "--host",
-               "127.0.0.1", "--port", str(port)]
+               "127.0.0.1", "--port", str(port), "--workers", "1"]
     with server_process(command, cwd=sweep["repo"], env=subprocess_env()) as (server, log):
         wait_for_http(f"{base}/health", server, "the MLflow UI", log)
         yield base

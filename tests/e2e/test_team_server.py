@@ -1,8 +1,9 @@
 """The team's tracking server for real (`make mlflow-server` on PostgreSQL, artifacts in S3-compatible storage): who it
 lets in, and a training that outlives the server's restart.
 
-Each test has a server of its own, on a fresh database of one shared PostgreSQL, that it may stop and start; the
-pipeline is paused (SIGSTOP) while it does, so the server is away for the same epochs on any machine.
+The tests share one server (each starts a server's worth of processes, and migrates a fresh database), each in an
+experiment of its own; a test may stop and start it. The pipeline is paused (SIGSTOP) while it does, so the server is
+away for the same epochs on any machine.
 """
 
 import os
@@ -17,7 +18,7 @@ import mlflow
 import pytest
 
 from helpers import make_repo_copy, setup_copy, subprocess_env, write_fake_mnist
-from team_services import TrackingServer, fresh_database, logged_models, postgres_server, s3_server, tracking_server
+from team_services import TrackingServer, logged_models, postgres_server, s3_server, tracking_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -25,24 +26,25 @@ TINY_EVALUATION = {"iwae_k": 5, "samples": 1}
 
 
 @pytest.fixture(scope="module")
-def services():
-    """PostgreSQL and the S3 server, shared by this module's tests."""
-    with postgres_server() as database, s3_server() as objects:
-        yield database, objects
+def shared_server():
+    """`make mlflow-server` on PostgreSQL and the S3 server, shared by this module's tests."""
+    with postgres_server() as database, s3_server() as objects, tracking_server(database, objects) as started:
+        yield started
 
 
 @pytest.fixture
-def server(services):
-    """A tracking server of the test's own, on a fresh database; this process talks to it as its admin."""
-    database, objects = services
-    with tracking_server(fresh_database(database), objects) as started:
-        saved = dict(os.environ)
-        os.environ.update(started.admin)
-        try:
-            yield started
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+def server(shared_server):
+    """The shared server, running (a test that failed while it was stopped leaves it stopped); this process talks to
+    it as its admin."""
+    if shared_server.process is None:
+        shared_server.start()
+    saved = dict(os.environ)
+    os.environ.update(shared_server.admin)
+    try:
+        yield shared_server
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _user(server: TrackingServer, name: str, permission: str | None) -> dict[str, str]:
@@ -114,11 +116,11 @@ def _repro_pausing(repo: Path, env: dict[str, str], actions: dict, *stages: str)
     return process.wait(timeout=600), "".join(lines)
 
 
-def _complete_run(uri: str, epochs: int, evaluated: bool = True) -> None:
-    """The one run of the server's experiment holds every epoch once, one model, and (`evaluated`) its evaluation and
-    its figures."""
+def _complete_run(uri: str, experiment: str, epochs: int, evaluated: bool = True) -> None:
+    """The one run of the experiment holds every epoch once, one model, and (`evaluated`) its evaluation and its
+    figures."""
     client = mlflow.MlflowClient(tracking_uri=uri)
-    (found,) = client.search_runs([client.get_experiment_by_name("cvae-mnist").experiment_id])
+    (found,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert found.info.status == "FINISHED"
     for metric in ("train_loss", "validation_elbo"):
         assert [m.step for m in client.get_metric_history(found.info.run_id, metric)] == list(range(1, epochs + 1))
@@ -132,18 +134,19 @@ def _complete_run(uri: str, epochs: int, evaluated: bool = True) -> None:
 
 def test_training_goes_on_while_the_server_restarts_and_the_run_misses_nothing(tmp_path, server):
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION, train={"epochs": 6})
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION, train={"epochs": 6},
+                     tracking={"experiment": "server-restart"})
     # No retries: a write meets the stopped server at once, whatever the speed of this machine.
     env |= {**server.admin, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     status, output = _repro_pausing(repo, env, {"epoch 2/6": server.stop, "epoch 4/6": server.start})
     assert status == 0, output[-3000:]
     assert "went away while logging epoch" in output and "answers again" in output
-    _complete_run(server.uri, 6)
+    _complete_run(server.uri, "server-restart", 6)
 
 
 def test_a_server_still_away_when_training_ends_gets_what_it_missed_from_the_next_repro(tmp_path, server):
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), train={"epochs": 4})
+    env = setup_copy(repo, write_fake_mnist(tmp_path), train={"epochs": 4}, tracking={"experiment": "server-away"})
     env |= {**server.admin, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     status, output = _repro_pausing(repo, env, {"epoch 2/4": server.stop}, "train")
     assert status != 0 and "Traceback" not in output
@@ -153,4 +156,4 @@ def test_a_server_still_away_when_training_ends_gets_what_it_missed_from_the_nex
     status, output = _repro_pausing(repo, env, {}, "train")
     assert status == 0, output[-3000:]
     assert "resuming after epoch 4" in output and "epoch 1/4" not in output  # nothing trained again
-    _complete_run(server.uri, 4, evaluated=False)
+    _complete_run(server.uri, "server-away", 4, evaluated=False)

@@ -107,6 +107,8 @@ def has_user(store: str, username: str) -> bool:
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` command line and the environment it runs in; ServerError for a setup that must not run."""
     check_no_password("SERVER_STORE", args.store)
+    if not args.workers.isdigit() or int(args.workers) < 1:
+        raise ServerError(f"make mlflow-server: SERVER_WORKERS must be a positive integer, got {args.workers!r}")
     auth = args.auth if args.auth != "auto" else ("none" if is_loopback(args.host) else "basic")
     if auth == "none" and not is_loopback(args.host):
         raise ServerError(f"make mlflow-server: SERVER_HOST={args.host} lets other machines reach the server, and "
@@ -115,7 +117,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
                           "on 127.0.0.1 behind a reverse proxy that authenticates")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.store,
                "--artifacts-destination", args.artifacts, "--serve-artifacts", "--host", args.host,
-               "--port", str(args.port)]
+               "--port", str(args.port), "--workers", str(int(args.workers))]
     if args.allowed_hosts:
         command += ["--allowed-hosts", args.allowed_hosts]
     env = dict(os.environ)
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", default="4",
+                        help="server processes, each of which loads MLflow (default: %(default)s, MLflow's)")
     parser.add_argument("--store", required=True, help="the backend store URI (runs, params, metrics)")
     parser.add_argument("--artifacts", required=True, help="where the server stores artifacts")
     parser.add_argument("--allowed-hosts", default="", help="host names clients may use, beyond MLflow's default")

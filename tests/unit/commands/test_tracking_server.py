@@ -14,8 +14,8 @@ ADMIN_PASSWORD = "the-admins-password-42"
 
 
 def arguments(tmp_path, **given) -> argparse.Namespace:
-    values = {"host": "127.0.0.1", "port": 5001, "store": f"sqlite:///{tmp_path}/s.db", "artifacts": str(tmp_path),
-              "allowed_hosts": "", "auth": "auto", "auth_store": f"sqlite:///{tmp_path}/auth.db",
+    values = {"host": "127.0.0.1", "port": 5001, "workers": "4", "store": f"sqlite:///{tmp_path}/s.db",
+              "artifacts": str(tmp_path), "allowed_hosts": "", "auth": "auto", "auth_store": f"sqlite:///{tmp_path}/auth.db",
               "default_permission": "READ", "state": tmp_path / "state"}
     return argparse.Namespace(**{**values, **given})
 
@@ -31,10 +31,16 @@ def test_on_loopback_it_is_mlflows_server_with_a_sql_store_and_served_artifacts(
     command, env = server_command(arguments(tmp_path))
     assert command[1:] == ["-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/s.db",
                            "--artifacts-destination", str(tmp_path), "--serve-artifacts", "--host", "127.0.0.1",
-                           "--port", "5001"]
+                           "--port", "5001", "--workers", "4"]
     assert "MLFLOW_AUTH_CONFIG_PATH" not in env
     named, _ = server_command(arguments(tmp_path, allowed_hosts="mlflow.internal,mlflow.internal:5000"))
     assert named[-2:] == ["--allowed-hosts", "mlflow.internal,mlflow.internal:5000"]
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two", ""])
+def test_a_number_of_workers_that_is_not_a_positive_integer_is_refused(tmp_path, workers):
+    with pytest.raises(ServerError, match=f"SERVER_WORKERS must be a positive integer, got '{workers}'"):
+        server_command(arguments(tmp_path, workers=workers))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "mlflow.internal", "::"])

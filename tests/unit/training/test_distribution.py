@@ -115,12 +115,11 @@ def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_devic
     assert_same_curve(mirrored["curve"], result(train("one_device", BATCH="30"))["curve"])
 
 
-@pytest.mark.parametrize("replicas", [3, 7, 8])
-def test_the_default_batch_trains_on_replicas_it_does_not_split_over_rounded_down_to_whole_images_each(replicas):
-    """tf.distribute would hand 100 images to 3 replicas as 34/33/33, 7 as 15 x 6 + 10, 8 as 13 x 7 + 9."""
-    mirrored = result(train("mirrored", LOGICAL_CPUS=str(replicas), BATCH="100"))
-    expected = {3: 99, 7: 98, 8: 96}[replicas]
-    assert (mirrored["replicas"], mirrored["batch"], mirrored["steps"]) == (replicas, expected, 512 // expected)
+def test_the_default_batch_trains_on_replicas_it_does_not_split_over_rounded_down_to_whole_images_each():
+    """tf.distribute would hand 100 images to 8 replicas as 13 x 7 + 9: they train on 96, 12 each. The rounding on 1
+    to 8 replicas is test_hardware's; this trains on the most of them, for real."""
+    mirrored = result(train("mirrored", LOGICAL_CPUS="8", BATCH="100"))
+    assert (mirrored["replicas"], mirrored["batch"], mirrored["steps"]) == (8, 96, 512 // 96)
     assert mirrored["curve"][-1] < mirrored["curve"][0]
 
 
