@@ -1,6 +1,9 @@
 """The fixtures every test folder shares; the helpers they are built from are in helpers.py."""
 
+import fcntl
+import json
 import os
+import shutil
 
 import pytest
 
@@ -46,15 +49,25 @@ def small_data():
 @pytest.fixture(scope="session")
 def pipeline_template(tmp_path_factory):
     """A repository copy in which the tiny pipeline ran once (`dvc repro`, its outputs not committed), and the
-    environment of its stages: built once per test process, for the tests that start where a finished run leaves off."""
-    folder = tmp_path_factory.mktemp("pipeline-template")
-    repo = make_repo_copy(folder / "repo")
-    # MLflow samples system metrics every 10 s by default, longer than this training: every second here.
-    env = {**setup_copy(repo, write_fake_mnist(folder), evaluate=QUICK_EVALUATION),
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    done = run(["dvc", "repro"], repo, **env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return repo, env
+    environment of its stages: for the tests that start where a finished run leaves off. Built once per `pytest`: the
+    first xdist worker to need it builds it in the folder the workers share, the others wait for it (a lock file)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's own folder, which holds each worker's
+    folder, built = shared / "pipeline-template", shared / "pipeline-template.json"
+    with open(shared / "pipeline-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose build failed left
+            folder.mkdir()
+            repo = make_repo_copy(folder / "repo")
+            # MLflow samples system metrics every 10 s by default, longer than this training: every second here.
+            env = {**setup_copy(repo, write_fake_mnist(folder), evaluate=QUICK_EVALUATION),
+                   "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+            done = run(["dvc", "repro"], repo, **env)
+            assert done.returncode == 0, done.stderr[-3000:]
+            built.write_text(json.dumps(env))
+    return folder / "repo", json.loads(built.read_text())
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import TINY, free_port, run, setup_copy, stage_commands, subprocess_env
+from helpers import QUICK_EVALUATION, TINY, free_port, run, setup_copy, stage_commands, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -68,7 +68,7 @@ def test_a_checkpoint_that_finds_no_room_stops_training_in_one_line_and_the_next
 
 
 def test_a_report_that_finds_no_room_stops_evaluate_in_one_line_keeping_the_previous_report(repo_copy, fake_mnist):
-    env = _copy(repo_copy, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+    env = _copy(repo_copy, fake_mnist, evaluate=QUICK_EVALUATION)
     assert run(["dvc", "repro", "evaluate"], repo_copy, **env).returncode == 0
     report = repo_copy / "reports/metrics.json"
     before = report.read_bytes()

@@ -10,6 +10,7 @@ import pytest
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import (
+    QUICK_EVALUATION,
     REPO,
     free_port,
     make_repo_copy,
@@ -50,7 +51,7 @@ def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_defau
 
 def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+    env = setup_copy(repo, fake_mnist, evaluate=QUICK_EVALUATION)
     result = run(["dvc", "repro"], repo, **env, MLFLOW_TRACKING_URI=server["uri"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # all of it went to the server

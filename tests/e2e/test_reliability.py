@@ -23,6 +23,7 @@ import yaml
 from bad_params import BROKEN
 from helpers import (
     IDX_NAMES,
+    QUICK_EVALUATION,
     TINY,
     kill_training_once_checkpointed,
     run,
@@ -138,7 +139,7 @@ def test_broken_params_stop_every_stage_with_status_2_one_line_and_nothing_chang
         result = run(command, repo, MNIST_MIRROR=str(repo / "absent"))
         assert result.returncode == 2, (stage, result.stderr[-2000:])
         assert result.stderr.count("\n") == 1 and message in result.stderr, (stage, result.stderr)
-        assert snapshot(repo) == before, stage
+    assert snapshot(repo) == before  # no stage wrote anything
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # no MLflow run either
 
 
@@ -219,7 +220,7 @@ def test_a_tracking_server_that_does_not_answer_stops_training_before_it_starts(
 
 
 def test_tracking_not_required_trains_anyway_and_keeps_the_metrics_in_dvc(repo_copy, fake_mnist):
-    env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, evaluate={"iwae_k": 5, "samples": 1})
+    env = setup_copy(repo_copy, fake_mnist, tracking={"required": False}, evaluate=QUICK_EVALUATION)
     down = f"http://127.0.0.1:{_closed_port()}"
     result = run(["dvc", "repro"], repo_copy, **env, MLFLOW_TRACKING_URI=down)
     assert result.returncode == 0, result.stderr[-3000:]

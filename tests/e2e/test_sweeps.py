@@ -14,6 +14,7 @@ import pytest
 
 from cvae_pipeline.commands.compare import write_comparison
 from helpers import (
+    QUICK_EVALUATION,
     REPO,
     commit_all,
     free_port,
@@ -41,7 +42,7 @@ def sweep(tmp_path_factory):
     """A fresh copy, nothing prepared, in which `make sweep` ran a sweep of 4 experiments on 2 workers."""
     folder = tmp_path_factory.mktemp("sweep")
     repo = make_repo_copy(folder / "repo")
-    env = setup_copy(repo, write_fake_mnist(folder), evaluate={"iwae_k": 5, "samples": 1})
+    env = setup_copy(repo, write_fake_mnist(folder), evaluate=QUICK_EVALUATION)
     baseline = commit_all(repo, "tiny")
     venv = Path(sys.prefix)  # this test's environment, in place of the copy's own .venv/
     made = subprocess.run(["make", "-o", f"{venv}/.installed", "sweep", f"VENV={venv}", "EXTRAS=", f"S={SWEEP}",

@@ -17,12 +17,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import make_repo_copy, setup_copy, subprocess_env, write_fake_mnist
+from helpers import QUICK_EVALUATION, make_repo_copy, setup_copy, subprocess_env, write_fake_mnist
 from team_services import TrackingServer, logged_models, postgres_server, s3_server, tracking_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
-TINY_EVALUATION = {"iwae_k": 5, "samples": 1}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def test_the_server_lets_in_only_its_users_and_each_only_as_far_as_their_permiss
         os.environ.update(saved)
 
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION)
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=QUICK_EVALUATION)
     wrong = {**server.admin, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
     for credentials, says in ((wrong, "refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
                                       "MLFLOW_TRACKING_PASSWORD"),
@@ -134,7 +133,7 @@ def _complete_run(uri: str, experiment: str, epochs: int, evaluated: bool = True
 
 def test_training_goes_on_while_the_server_restarts_and_the_run_misses_nothing(tmp_path, server):
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION, train={"epochs": 6},
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=QUICK_EVALUATION, train={"epochs": 6},
                      tracking={"experiment": "server-restart"})
     # No retries: a write meets the stopped server at once, whatever the speed of this machine.
     env |= {**server.admin, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}

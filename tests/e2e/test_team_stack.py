@@ -13,6 +13,7 @@ import pytest
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import (
+    QUICK_EVALUATION,
     REPO,
     commit_all,
     make_repo_copy,
@@ -26,7 +27,6 @@ from helpers import (
 )
 from team_services import connect, logged_models, postgres_server, s3_server, tracking_server
 
-TINY_EVALUATION = {"iwae_k": 5, "samples": 1}
 SWEEP = "model.latent_dim=2,3 tracking.sweep=team"  # 2 experiments, both at once on 2 workers
 SWEEP_TIMEOUT_S = 900
 VENV = Path(sys.prefix)  # this test's environment, in place of a copy's own .venv/
@@ -108,7 +108,7 @@ def _runs_in_postgres(database) -> list[tuple[str, str]]:
 def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
     objects, uri = stack["objects"], stack["uri"]
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION)
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=QUICK_EVALUATION)
     _s3_remote(repo, objects)
     output = _succeeds([*MAKE_IN_COPY, "repro"], repo, **env, **stack["admin"], MLFLOW_TRACKING_URI=uri)
     commit_all(repo, "trained, with an S3 remote")
@@ -158,7 +158,7 @@ def test_repro_push_clone_pull_on_postgres_and_s3(tmp_path, stack):
 def test_a_parallel_sweep_against_the_postgres_server_loses_nothing(tmp_path, stack):
     uri = stack["uri"]
     repo = make_repo_copy(tmp_path / "repo")
-    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=TINY_EVALUATION)
+    env = setup_copy(repo, write_fake_mnist(tmp_path), evaluate=QUICK_EVALUATION)
     commit_all(repo, "tiny")
     _succeeds([*MAKE_IN_COPY, "sweep", f"S={SWEEP}", "J=2"], repo, timeout=SWEEP_TIMEOUT_S, **env,
               **stack["admin"], MLFLOW_TRACKING_URI=uri)

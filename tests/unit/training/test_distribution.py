@@ -13,7 +13,7 @@ import pandas
 import pytest
 
 from cvae_pipeline.training.distribution import resolve
-from helpers import REPO, make_repo_copy, runs_in, setup_copy, subprocess_env, timeless
+from helpers import QUICK_EVALUATION, REPO, make_repo_copy, runs_in, setup_copy, subprocess_env, timeless
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,7 @@ def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index, host in enumerate(hosts):
-        env = setup_copy(host, fake_mnist, evaluate={"iwae_k": 5, "samples": 1})
+        env = setup_copy(host, fake_mnist, evaluate=QUICK_EVALUATION)
         processes.append(subprocess.Popen(["dvc", "exp", "run", "-S", "train.strategy=multi_worker"], cwd=host,
                                           env=subprocess_env(TF_CONFIG=cluster(workers, index), **env), text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
