@@ -44,7 +44,7 @@ SERVER_AUTH ?= auto
 SERVER_AUTH_STORE ?= sqlite:///$(CURDIR)/mlflow-server-auth.db
 # What a user may do with an experiment nobody granted them anything on: READ, EDIT, MANAGE or NO_PERMISSIONS.
 SERVER_PERMISSION ?= READ
-# Server processes, each of which loads MLflow (about 5 s of CPU and 300 MB at start): MLflow's default, 4.
+# Server processes, each of which loads MLflow: MLflow's default, 4; fewer on a small machine.
 SERVER_WORKERS ?= 4
 COMPARE := reports/compare
 # make sweep: the params to sweep, as `dvc exp run -S` takes them, separated by spaces; J workers (no more than cores).

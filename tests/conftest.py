@@ -1,4 +1,4 @@
-"""The fixtures every test folder shares; the helpers they are built from are in helpers.py."""
+"""The fixtures every test folder shares; the helpers they are built from are in helpers.py and repositories.py."""
 
 import fcntl
 import json
@@ -7,15 +7,8 @@ import shutil
 
 import pytest
 
-from helpers import (
-    QUICK_EVALUATION,
-    copy_repository,
-    make_repo_copy,
-    run,
-    setup_copy,
-    synthetic_digits,
-    write_fake_mnist,
-)
+from helpers import run, synthetic_digits, write_fake_mnist
+from repositories import QUICK_EVALUATION, copy_repository, make_repo_copy, setup_copy
 
 # With CVAE_TESTS_NO_SKIPS set (as CI sets it), a test that skips itself fails.
 pytest_plugins = ["no_skips"]

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from helpers import QUICK_EVALUATION, make_repo_copy, run, setup_copy
+from helpers import run
+from repositories import QUICK_EVALUATION, make_repo_copy, setup_copy
 
 pytestmark = pytest.mark.slow
 

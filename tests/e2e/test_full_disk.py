@@ -14,7 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import QUICK_EVALUATION, TINY, free_port, run, setup_copy, stage_commands, subprocess_env
+from helpers import free_port, run, subprocess_env
+from repositories import QUICK_EVALUATION, TINY, setup_copy, stage_commands
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 

@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import (
+from helpers import run, run_record
+from repositories import (
     TINY,
     commit_all,
     copy_repository,
     kill_training_once_checkpointed,
-    run,
     run_queue,
-    run_record,
     runs_in,
     setup_copy,
     snapshot,

@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
-from helpers import (
-    QUICK_EVALUATION,
-    REPO,
-    free_port,
-    make_repo_copy,
-    model_params,
-    predict_in_fresh_process,
-    run,
-    setup_copy,
-    subprocess_env,
-)
+from helpers import REPO, free_port, model_params, predict_in_fresh_process, run, subprocess_env
+from repositories import QUICK_EVALUATION, make_repo_copy, setup_copy
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow

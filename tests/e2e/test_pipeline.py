@@ -8,7 +8,8 @@ import yaml
 from PIL import Image
 
 from cvae_pipeline.training import hardware
-from helpers import TINY, run, runs_in, setup_copy, stage_commands
+from helpers import run
+from repositories import TINY, runs_in, setup_copy, stage_commands
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from cvae_pipeline.data import binarize, load_prepared
-from helpers import run, setup_copy
+from helpers import run
+from repositories import setup_copy
 
 pytestmark = pytest.mark.slow
 

@@ -21,18 +21,15 @@ import pytest
 import yaml
 
 from bad_params import BROKEN
-from helpers import (
-    IDX_NAMES,
+from helpers import IDX_NAMES, run, subprocess_env, timeless
+from repositories import (
     QUICK_EVALUATION,
     TINY,
     kill_training_once_checkpointed,
-    run,
     runs_in,
     setup_copy,
     snapshot,
     stage_commands,
-    subprocess_env,
-    timeless,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
@@ -60,13 +57,17 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
     epochs_at_kill = []
     for attempt in range(KILLS):
         log = tmp_path / f"attempt-{attempt}.log"
-        with open(log, "w") as stderr:
-            process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy, env=subprocess_env(**env),
-                                       stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-        # A random point: during start-up (imports, MLflow), or a random moment after 0-2 more epochs.
+        with open(log, "w") as output:  # DVC's output unbuffered, to see when it starts the stage
+            process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo_copy,
+                                       env=subprocess_env(**env, PYTHONUNBUFFERED="1"), stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        # A random point: during the stage's start-up (imports, MLflow), or a random moment after 0-2 more epochs.
+        # Never before DVC has started the stage: a kill while DVC itself writes its lock file (.dvc/tmp/rwlock) leaves
+        # it empty, which DVC does not recover from (docs/guarantees.md, "Not covered").
         point = rng.choice(["start-up", 0, 1, 2])
+        wait_until(lambda log=log: "Running stage 'train'" in log.read_text(), process)
         if point == "start-up":
-            time.sleep(rng.uniform(0.5, 4.0))
+            time.sleep(rng.uniform(0.0, 3.0))
         else:
             wait_until(lambda log=log, epochs=point: "training on" in log.read_text() and
                        log.read_text().count("train: epoch ") >= epochs, process)
@@ -115,7 +116,7 @@ def test_kill_9_five_times_at_random_points_then_resume_matches_an_uninterrupted
 @pytest.fixture(scope="module")
 def previous_outputs(tmp_path_factory):
     """A copy in which every declared output of every stage already exists (as after an earlier run)."""
-    from helpers import make_repo_copy
+    from repositories import make_repo_copy
 
     repo = make_repo_copy(tmp_path_factory.mktemp("params") / "repo")
     paths = yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][0]["paths"]

@@ -21,17 +21,8 @@ import yaml
 
 from cvae_pipeline.data import load_prepared
 from cvae_pipeline.model.loading import load_trained, reconstruct
-from helpers import (
-    HIDE_THE_PROJECT,
-    NO_PICKLE,
-    copy_repository,
-    free_port,
-    model_params,
-    predict_in_fresh_process,
-    run,
-    runs_in,
-    subprocess_env,
-)
+from helpers import HIDE_THE_PROJECT, NO_PICKLE, free_port, model_params, predict_in_fresh_process, run, subprocess_env
+from repositories import copy_repository, runs_in
 from team_services import server_process, wait_for_http
 
 pytestmark = pytest.mark.slow

@@ -13,19 +13,8 @@ import pandas as pd
 import pytest
 
 from cvae_pipeline.commands.compare import write_comparison
-from helpers import (
-    QUICK_EVALUATION,
-    REPO,
-    commit_all,
-    free_port,
-    make_repo_copy,
-    queue_states,
-    run,
-    runs_in,
-    setup_copy,
-    subprocess_env,
-    write_fake_mnist,
-)
+from helpers import REPO, free_port, run, subprocess_env, write_fake_mnist
+from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, queue_states, runs_in, setup_copy
 from team_services import server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]

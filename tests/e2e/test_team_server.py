@@ -1,9 +1,9 @@
 """The team's tracking server for real (`make mlflow-server` on PostgreSQL, artifacts in S3-compatible storage): who it
 lets in, and a training that outlives the server's restart.
 
-The tests share one server (each starts a server's worth of processes, and migrates a fresh database), each in an
-experiment of its own; a test may stop and start it. The pipeline is paused (SIGSTOP) while it does, so the server is
-away for the same epochs on any machine.
+The tests share one server, each in an experiment of its own (a server for each test would start MLflow's processes
+and migrate a fresh database three times over); a test may stop and start it. The pipeline is paused (SIGSTOP) while
+it does, so the server is away for the same epochs on any machine.
 """
 
 import os
@@ -17,11 +17,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import QUICK_EVALUATION, make_repo_copy, setup_copy, subprocess_env, write_fake_mnist
+from helpers import subprocess_env, write_fake_mnist
+from repositories import QUICK_EVALUATION, make_repo_copy, setup_copy
 from team_services import TrackingServer, logged_models, postgres_server, s3_server, tracking_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
-
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,8 @@ import numpy as np
 import pytest
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
-from helpers import (
-    QUICK_EVALUATION,
-    REPO,
-    commit_all,
-    make_repo_copy,
-    model_params,
-    predict_in_fresh_process,
-    queue_states,
-    run,
-    setup_copy,
-    subprocess_env,
-    write_fake_mnist,
-)
+from helpers import REPO, model_params, predict_in_fresh_process, run, subprocess_env, write_fake_mnist
+from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, queue_states, setup_copy
 from team_services import connect, logged_models, postgres_server, s3_server, tracking_server
 
 SWEEP = "model.latent_dim=2,3 tracking.sweep=team"  # 2 experiments, both at once on 2 workers

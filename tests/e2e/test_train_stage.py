@@ -13,16 +13,8 @@ import yaml
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from cvae_pipeline.model.network import CVAE
-from helpers import (
-    TINY,
-    kill_training_once_checkpointed,
-    model_params,
-    predict_in_fresh_process,
-    run,
-    runs_in,
-    setup_copy,
-    timeless,
-)
+from helpers import model_params, predict_in_fresh_process, run, timeless
+from repositories import TINY, kill_training_once_checkpointed, runs_in, setup_copy
 
 pytestmark = pytest.mark.slow
 

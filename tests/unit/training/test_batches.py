@@ -7,7 +7,8 @@ import tensorflow as tf
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.training.batches import TrainingSet
 from cvae_pipeline.training.hardware import Machine
-from helpers import TINY, make_trainer, params_with
+from helpers import make_trainer, params_with
+from repositories import TINY
 
 CPU = Machine("test CPU", frozenset({"avx2"}))
 

@@ -13,7 +13,8 @@ import pandas
 import pytest
 
 from cvae_pipeline.training.distribution import resolve
-from helpers import QUICK_EVALUATION, REPO, make_repo_copy, runs_in, setup_copy, subprocess_env, timeless
+from helpers import REPO, subprocess_env, timeless
+from repositories import QUICK_EVALUATION, make_repo_copy, runs_in, setup_copy
 
 pytestmark = pytest.mark.slow
 
