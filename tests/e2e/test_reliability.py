@@ -140,7 +140,7 @@ def test_broken_params_stop_every_stage_with_status_2_one_line_and_nothing_chang
         result = run(command, repo, MNIST_MIRROR=str(repo / "absent"))
         assert result.returncode == 2, (stage, result.stderr[-2000:])
         assert result.stderr.count("\n") == 1 and message in result.stderr, (stage, result.stderr)
-    assert snapshot(repo) == before  # no stage wrote anything
+        assert snapshot(repo) == before, stage
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # no MLflow run either
 
 
