@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--workers", default="4",
-                        help="server processes, each of which loads MLflow (default: %(default)s, MLflow's)")
+    parser.add_argument("--workers", required=True, help="server processes, each of which loads MLflow")
     parser.add_argument("--store", required=True, help="the backend store URI (runs, params, metrics)")
     parser.add_argument("--artifacts", required=True, help="where the server stores artifacts")
     parser.add_argument("--allowed-hosts", default="", help="host names clients may use, beyond MLflow's default")
