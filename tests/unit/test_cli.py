@@ -1,11 +1,17 @@
-"""What every stage script shares: a user's mistake is one line on stderr and its exit status, never a traceback."""
+"""What every stage script shares: a user's mistake is one line on stderr and its exit status, never a traceback; the
+process then ends without Python's teardown, once what Python would wait for has run."""
 
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from cvae_pipeline.cli import run_stage, stage_arguments
+from cvae_pipeline.cli import stage_arguments, stage_status
 from cvae_pipeline.errors import DataError, ParamsError
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.mark.parametrize(("error", "status"), [(ParamsError("params.yaml: seed must be\nan integer"), 2),
@@ -14,9 +20,7 @@ def test_a_user_error_is_one_line_and_its_exit_status(capsys, error, status):
     def main():
         raise error
 
-    with pytest.raises(SystemExit) as exited:
-        run_stage("train", main)
-    assert exited.value.code == status
+    assert stage_status("train", main) == status
     assert capsys.readouterr().err == str(error).replace("\n", " ") + "\n"
 
 
@@ -24,9 +28,7 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
     def main():
         raise KeyboardInterrupt
 
-    with pytest.raises(SystemExit) as exited:
-        run_stage("evaluate", main)
-    assert exited.value.code == 130 and capsys.readouterr().err == "evaluate: interrupted\n"
+    assert stage_status("evaluate", main) == 130 and capsys.readouterr().err == "evaluate: interrupted\n"
 
 
 def test_a_bug_is_not_hidden(capsys):
@@ -34,7 +36,7 @@ def test_a_bug_is_not_hidden(capsys):
         raise ZeroDivisionError("a bug")
 
     with pytest.raises(ZeroDivisionError):
-        run_stage("train", main)
+        stage_status("train", main)
 
 
 def test_stage_arguments_are_the_params_file_and_the_paths_dvc_yaml_passes(monkeypatch):
@@ -44,3 +46,60 @@ def test_stage_arguments_are_the_params_file_and_the_paths_dvc_yaml_passes(monke
     monkeypatch.setattr(sys, "argv", ["train.py", "--prepared", "data/p.npz"])
     with pytest.raises(SystemExit):  # a path dvc.yaml must pass is missing: argparse's own usage line
         stage_arguments("train", ["prepared", "train_metrics"])
+
+
+# A stage script: its output unflushed, an atexit handler, an object whose finalizer only Python's teardown calls, and
+# (with an argument) a thread still writing when main returns or a user error.
+STAGE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from cvae_pipeline.cli import run_stage
+from cvae_pipeline.errors import ParamsError
+
+folder = Path(sys.argv[1])
+
+class TornDown:
+    def __del__(self):
+        (folder / "torn-down").touch()
+
+kept = TornDown()
+atexit.register(lambda: (folder / "atexit").touch())
+
+def late_write():
+    time.sleep(0.5)
+    (folder / "thread").touch()
+
+def main():
+    print("all of it", end="")
+    if "thread" in sys.argv:
+        threading.Thread(target=late_write).start()
+    if "error" in sys.argv:
+        raise ParamsError("params.yaml: train.epochs must be a positive integer")
+
+run_stage("train", main)
+"""
+
+
+def run_script(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    (folder / "stage.py").write_text(textwrap.dedent(STAGE))
+    return subprocess.run([sys.executable, folder / "stage.py", folder, *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(SRC)}, check=False)
+
+
+def test_a_stage_ends_without_teardown_after_its_atexit_handlers_with_its_output_whole(tmp_path):
+    done = run_script(tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "all of it", "")
+    assert (tmp_path / "atexit").exists()
+    assert not (tmp_path / "torn-down").exists()  # Python's teardown, which would call the finalizer, was skipped
+
+
+def test_a_stage_with_a_user_error_ends_with_its_status_and_one_line(tmp_path):
+    done = run_script(tmp_path, "error")
+    assert (done.returncode, done.stderr) == (2, "params.yaml: train.epochs must be a positive integer\n")
+    assert (tmp_path / "atexit").exists() and not (tmp_path / "torn-down").exists()
+
+
+def test_a_thread_still_at_work_is_waited_for(tmp_path):
+    done = run_script(tmp_path, "thread")
+    assert (done.returncode, done.stdout) == (0, "all of it")
+    assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
