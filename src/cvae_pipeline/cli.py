@@ -1,5 +1,5 @@
-"""What every stage script shares: argument parsing, logging, one-line errors with the right exit status, and a quick
-exit."""
+"""What every stage script shares: argument parsing, logging, one-line errors with the right exit status, no modules it
+does not use, and a quick exit."""
 
 import argparse
 import atexit
@@ -12,6 +12,10 @@ from typing import NoReturn
 
 from cvae_pipeline.config import DEFAULT_PARAMS_FILE
 from cvae_pipeline.errors import UserInputError
+
+# Keras imports scikit-learn, when it is installed, for wrappers that no stage or command uses; it is installed only
+# because MLflow depends on it. Importing it costs each stage process about a second of CPU (docs/performance.md).
+UNUSED_MODULES = ("sklearn",)
 
 
 def stage_arguments(description: str, paths: list[str]) -> argparse.Namespace:
@@ -54,5 +58,8 @@ def end_process(status: int) -> NoReturn:
 
 
 def run_stage(name: str, main: Callable[[], None]) -> NoReturn:
-    """A stage script's whole run: its main (`stage_status`), then the process ends with its status (`end_process`)."""
+    """A stage script's whole run: its main (`stage_status`) without the modules it does not use, then the process ends
+    with its status (`end_process`)."""
+    for module in UNUSED_MODULES:
+        sys.modules.setdefault(module, None)  # importing it then fails at once: Python's rule for None there
     end_process(stage_status(name, main))

@@ -99,6 +99,24 @@ def test_a_stage_with_a_user_error_ends_with_its_status_and_one_line(tmp_path):
     assert (tmp_path / "atexit").exists() and not (tmp_path / "torn-down").exists()
 
 
+def test_keras_loads_in_a_stage_while_scikit_learn_stays_out(tmp_path):
+    (tmp_path / "stage.py").write_text(textwrap.dedent("""
+        import sys
+        from cvae_pipeline.cli import run_stage
+
+        def main():
+            import keras  # which imports scikit-learn for its wrappers when it may
+            print(keras.layers.Dense(1).name, "sklearn" in sys.modules and sys.modules["sklearn"] is not None)
+            import sklearn
+
+        run_stage("train", main)
+    """))
+    done = subprocess.run([sys.executable, tmp_path / "stage.py"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(SRC), "TF_CPP_MIN_LOG_LEVEL": "3"}, check=False)
+    assert done.stdout.startswith("dense False"), done.stderr[-2000:]
+    assert done.returncode == 1 and "ModuleNotFoundError" in done.stderr  # a bug's traceback, as it is
+
+
 def test_a_thread_still_at_work_is_waited_for(tmp_path):
     done = run_script(tmp_path, "thread")
     assert (done.returncode, done.stdout) == (0, "all of it")
