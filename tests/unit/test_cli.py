@@ -80,10 +80,11 @@ run_stage("train", main)
 """
 
 
-def run_script(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    (folder / "stage.py").write_text(textwrap.dedent(STAGE))
+def run_script(folder: Path, *args: str, script: str = STAGE) -> subprocess.CompletedProcess:
+    """`script` run as a stage script in a process of its own, with the folder and `args` as its arguments."""
+    (folder / "stage.py").write_text(textwrap.dedent(script))
     return subprocess.run([sys.executable, folder / "stage.py", folder, *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(SRC)}, check=False)
+                          env={"PYTHONPATH": str(SRC), "TF_CPP_MIN_LOG_LEVEL": "3"}, check=False)
 
 
 def test_a_stage_ends_without_teardown_after_its_atexit_handlers_with_its_output_whole(tmp_path):
@@ -100,7 +101,7 @@ def test_a_stage_with_a_user_error_ends_with_its_status_and_one_line(tmp_path):
 
 
 def test_keras_loads_in_a_stage_while_scikit_learn_stays_out(tmp_path):
-    (tmp_path / "stage.py").write_text(textwrap.dedent("""
+    done = run_script(tmp_path, script="""
         import sys
         from cvae_pipeline.cli import run_stage
 
@@ -110,9 +111,7 @@ def test_keras_loads_in_a_stage_while_scikit_learn_stays_out(tmp_path):
             import sklearn
 
         run_stage("train", main)
-    """))
-    done = subprocess.run([sys.executable, tmp_path / "stage.py"], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(SRC), "TF_CPP_MIN_LOG_LEVEL": "3"}, check=False)
+    """)
     assert done.stdout.startswith("dense False"), done.stderr[-2000:]
     assert done.returncode == 1 and "ModuleNotFoundError" in done.stderr  # a bug's traceback, as it is
 
