@@ -46,6 +46,12 @@ SERVER_AUTH_STORE ?= sqlite:///$(CURDIR)/mlflow-server-auth.db
 SERVER_PERMISSION ?= READ
 # Server processes, each of which loads MLflow: MLflow's default, 4; fewer on a small machine.
 SERVER_WORKERS ?= 4
+# MLflow's job runner, for `make ui` and `make mlflow-server`: it runs MLflow's GenAI jobs (LLM judges, prompt
+# optimization, trace archival), which nothing here submits, in eight more processes that each load MLflow and poll every
+# minute. Off unless MLFLOW_JOBS=true (a server this team shares with GenAI work).
+MLFLOW_JOBS ?= false
+CHECK_JOBS = @case '$(MLFLOW_JOBS)' in true|false) ;; *) echo "make $@: MLFLOW_JOBS must be true or false, got \
+	'$(MLFLOW_JOBS)'" >&2; exit 2;; esac
 COMPARE := reports/compare
 # make sweep: the params to sweep, as `dvc exp run -S` takes them, separated by spaces; J workers (no more than cores).
 S ?=
@@ -109,16 +115,18 @@ smoke: $(STAMP)
 	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability or training)"
 
 ui: $(STAMP)
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT) \
+	$(CHECK_JOBS)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(MLFLOW_JOBS) mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT) \
 		--workers $(UI_WORKERS)
 
 # Not echoed: a SERVER_STORE that holds a password by mistake is refused, not shown. The command says what it starts.
 mlflow-server: $(STAMP)
+	$(CHECK_JOBS)
 	@python -m cvae_pipeline.commands.tracking_server --host '$(SERVER_HOST)' --port '$(SERVER_PORT)' \
 		--workers '$(SERVER_WORKERS)' --store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' \
 		--allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
 		--auth '$(SERVER_AUTH)' --auth-store '$(SERVER_AUTH_STORE)' --default-permission '$(SERVER_PERMISSION)' \
-		--state '$(CURDIR)/.mlflow-server'
+		--jobs '$(MLFLOW_JOBS)' --state '$(CURDIR)/.mlflow-server'
 
 compare: $(STAMP)
 	python -m cvae_pipeline.commands.compare --out $(COMPARE)

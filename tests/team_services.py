@@ -160,6 +160,12 @@ def server_process(command: list[str], **popen) -> Iterator[tuple[subprocess.Pop
         log.unlink(missing_ok=True)
 
 
+def group_commands(process: subprocess.Popen) -> list[str]:
+    """The command line of every process in the process group that `process` leads (`server_process` starts one)."""
+    listed = subprocess.run(["pgrep", "-a", "-g", str(process.pid)], capture_output=True, text=True)
+    return [line.split(" ", 1)[1] for line in listed.stdout.splitlines() if " " in line]
+
+
 def stop(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)

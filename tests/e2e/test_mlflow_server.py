@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ import pytest
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import REPO, free_port, model_params, predict_in_fresh_process, run, subprocess_env
 from repositories import QUICK_EVALUATION, make_repo_copy, setup_copy
-from team_services import server_process, wait_for_http
+from team_services import group_commands, server_process, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def server(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with server_process(["make", "mlflow-server", *overrides], cwd=REPO, env=subprocess_env()) as (process, log):
         wait_for_http(f"{base}/health", process, "make mlflow-server", log)
-        yield {"uri": base, "store": store, "artifacts": artifacts}
+        yield {"uri": base, "store": store, "artifacts": artifacts, "process": process}
 
 
 def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_default():
@@ -38,6 +39,17 @@ def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_defau
                            cwd=REPO, capture_output=True, text=True).stdout
     assert "--allowed-hosts 'mlflow.internal,mlflow.internal:5000'" in named and "--host '0.0.0.0'" in named
     assert "--auth 'basic'" in named and "--default-permission 'NO_PERMISSIONS'" in named
+    assert "--jobs 'false'" in dry_run and "--jobs 'true'" in subprocess.run(
+        ["make", "-n", "mlflow-server", "MLFLOW_JOBS=true"], cwd=REPO, capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("target", ["ui", "mlflow-server"])
+def test_make_ui_and_mlflow_server_take_mlflow_jobs_as_true_or_false_only(target):
+    refused = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", target,
+                              "MLFLOW_JOBS=maybe", f"UI_PORT={free_port()}", f"SERVER_PORT={free_port()}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"make {target}: MLFLOW_JOBS must be true or false, got 'maybe'\n")
 
 
 def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp_path, fake_mnist, server):
@@ -46,6 +58,9 @@ def test_the_pipeline_logs_to_the_server_and_everything_reads_back_over_http(tmp
     result = run(["dvc", "repro"], repo, **env, MLFLOW_TRACKING_URI=server["uri"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # all of it went to the server
+    serving = group_commands(server["process"])
+    assert any("uvicorn" in command for command in serving), serving
+    assert not [command for command in serving if "mlflow.server.jobs" in command]  # no job runner: nothing to run
 
     client = mlflow.MlflowClient(tracking_uri=server["uri"])
     experiment = client.get_experiment_by_name("cvae-mnist")

@@ -15,7 +15,7 @@ import pytest
 from cvae_pipeline.commands.compare import write_comparison
 from helpers import REPO, free_port, run, subprocess_env, write_fake_mnist
 from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, queue_states, runs_in, setup_copy
-from team_services import server_process, wait_for_http
+from team_services import group_commands, server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 # The whole sweep, and every test of it, this many times in a row: a race shows up as a flaky round. Once in
@@ -133,16 +133,18 @@ def test_comparison_table_and_plot(sweep, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ui(sweep):
-    """The real MLflow UI server, started as `make ui` starts it, on a free loopback port."""
+    """`make ui` in the sweep's copy, on a free loopback port."""
     dry_run = subprocess.run(["make", "-n", "ui"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--host 127.0.0.1" in dry_run  # loopback by default, never 0.0.0.0
     assert "--workers 1" in dry_run
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{sweep['repo'] / 'mlflow.db'}", "--host",
-               "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = ["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", "ui", f"UI_PORT={port}"]
     with server_process(command, cwd=sweep["repo"], env=subprocess_env()) as (server, log):
-        wait_for_http(f"{base}/health", server, "the MLflow UI", log)
+        wait_for_http(f"{base}/health", server, "make ui", log)
+        serving = group_commands(server)
+        assert any("uvicorn" in command for command in serving), serving
+        assert not [command for command in serving if "mlflow.server.jobs" in command]  # MLflow's job runner is off
         yield base
 
 

@@ -31,6 +31,7 @@ ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 # libpq reads a password from a URI's user info or its `password=` option; SQLAlchemy takes the first form too.
 _PASSWORD_IN_URI = re.compile(r"://[^/@]*:[^/@]*@|[?&]password=")
 
@@ -121,6 +122,8 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     if args.allowed_hosts:
         command += ["--allowed-hosts", args.allowed_hosts]
     env = dict(os.environ)
+    # MLflow's GenAI job runner: off unless asked for, since this project submits no jobs (the Makefile's MLFLOW_JOBS).
+    env[JOBS_ENV] = args.jobs
     if auth == "basic":
         if importlib.util.find_spec("flask_wtf") is None:
             raise ServerError("make mlflow-server: SERVER_AUTH=basic needs MLflow's auth extra (Flask-WTF), which "
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auth-store", required=True, help="the database of users and permissions (--auth basic)")
     parser.add_argument("--default-permission", default="READ", choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"),
                         help="what a user may do with an experiment nobody granted them (default: %(default)s)")
+    parser.add_argument("--jobs", choices=("true", "false"), default="false",
+                        help="run MLflow's job runner for GenAI jobs beside the server (default: %(default)s)")
     parser.add_argument("--state", type=Path, default=Path(".mlflow-server"),
                         help="a folder for the generated auth configuration (default: %(default)s)")
     args = parser.parse_args(argv)

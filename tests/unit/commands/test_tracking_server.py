@@ -16,7 +16,7 @@ ADMIN_PASSWORD = "the-admins-password-42"
 def arguments(tmp_path, **given) -> argparse.Namespace:
     values = {"host": "127.0.0.1", "port": 5001, "workers": "4", "store": f"sqlite:///{tmp_path}/s.db",
               "artifacts": str(tmp_path), "allowed_hosts": "", "auth": "auto", "auth_store": f"sqlite:///{tmp_path}/auth.db",
-              "default_permission": "READ", "state": tmp_path / "state"}
+              "default_permission": "READ", "jobs": "false", "state": tmp_path / "state"}
     return argparse.Namespace(**{**values, **given})
 
 
@@ -35,6 +35,12 @@ def test_on_loopback_it_is_mlflows_server_with_a_sql_store_and_served_artifacts(
     assert "MLFLOW_AUTH_CONFIG_PATH" not in env
     named, _ = server_command(arguments(tmp_path, allowed_hosts="mlflow.internal,mlflow.internal:5000"))
     assert named[-2:] == ["--allowed-hosts", "mlflow.internal,mlflow.internal:5000"]
+
+
+def test_mlflows_job_runner_is_off_unless_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")  # MLflow's default, set or not
+    assert server_command(arguments(tmp_path))[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert server_command(arguments(tmp_path, jobs="true"))[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "two", ""])
