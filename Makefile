@@ -103,7 +103,7 @@ lint: $(STAMP)
 # Everything CI runs: lint, then every test, one pytest-xdist worker per core. A file's tests stay on one worker,
 # which builds the fixtures they share (a trained copy of the pipeline, a sweep) once.
 test: lint
-	pytest -n $(TEST_WORKERS) --dist loadfile
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit tests alone (tests/unit/), in parallel, but those that train a model: the quick loop while changing code.
 unit: $(STAMP)
@@ -112,7 +112,7 @@ unit: $(STAMP)
 # What CI runs on the other supported Pythons (make smoke PYTHON=python3.13 VENV=.venv-3.13): the fast tests and one
 # small `dvc repro` end to end, in a few minutes.
 smoke: $(STAMP)
-	pytest -n $(TEST_WORKERS) --dist loadfile -m "smoke or not (slow or reliability or training)"
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "smoke or not (slow or reliability or training)"
 
 ui: $(STAMP)
 	$(CHECK_JOBS)

@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,30 @@ from repositories import QUICK_EVALUATION, copy_repository, make_repo_copy, setu
 
 # With CVAE_TESTS_NO_SKIPS set (as CI sets it), a test that skips itself fails.
 pytest_plugins = ["no_skips"]
+
+# The modules that take longest, longest first (docs/testing.md): pytest-xdist hands whole files to its workers in
+# collection order (`--no-loadscope-reorder`), so these start first and the short ones even out the end, and the two
+# workers finish together. A stale order costs minutes, never a result.
+LONGEST_FIRST = (
+    "e2e/test_mlflow_records.py",  # builds the pipeline template while the other worker starts a module without it
+    "e2e/test_team_stack.py",
+    "e2e/test_team_server.py",
+    "e2e/test_reliability.py",
+    "unit/training/test_distribution.py",
+    "unit/training/test_loop.py",
+    "e2e/test_sweeps.py",
+    "e2e/test_serving.py",
+)
+_missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).is_file()]
+if _missing:
+    raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names no such test module: {', '.join(_missing)}")
+
+
+def pytest_collection_modifyitems(items):
+    """The modules of LONGEST_FIRST first, in its order; every other module after them, as collected."""
+    tests = Path(__file__).parent
+    rank = {str(tests / name): index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)
