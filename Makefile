@@ -47,8 +47,8 @@ SERVER_PERMISSION ?= READ
 # Server processes, each of which loads MLflow: MLflow's default, 4; fewer on a small machine.
 SERVER_WORKERS ?= 4
 # MLflow's job runner, for `make ui` and `make mlflow-server`: it runs MLflow's GenAI jobs (LLM judges, prompt
-# optimization, trace archival), which nothing here submits, in eight more processes that each load MLflow and poll every
-# minute. Off unless MLFLOW_JOBS=true (a server this team shares with GenAI work).
+# optimization, trace archival), which nothing here submits, in eight more processes that each load MLflow and poll
+# every minute. Off unless MLFLOW_JOBS=true (a server this team shares with GenAI work).
 MLFLOW_JOBS ?= false
 CHECK_JOBS = @case '$(MLFLOW_JOBS)' in true|false) ;; *) echo "make $@: MLFLOW_JOBS must be true or false, got \
 	'$(MLFLOW_JOBS)'" >&2; exit 2;; esac
@@ -77,12 +77,16 @@ venv: $(STAMP)
 
 # --locked: a uv.lock that no longer matches pyproject.toml is an error (run `make lock`), never silently re-resolved.
 # --compile-bytecode: every stage then imports TensorFlow about twice as fast (docs/setup.md), also where
-# PYTHONDONTWRITEBYTECODE keeps Python from caching what it compiles.
+# PYTHONDONTWRITEBYTECODE keeps Python from caching what it compiles. COMPILE_BYTECODE=no leaves it to the imports,
+# which compile what they load, a third of it: less CPU time for an environment that runs few processes (CI's smoke
+# runs, which let Python cache what it compiles).
+COMPILE_BYTECODE ?= yes
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	$(CHECK_PYTHON)
 	rm -f $(VENV)/.installed*
 	UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(UV) sync --locked --quiet --python $(PYTHON) \
-		--compile-bytecode --extra dev $(foreach extra,$(EXTRAS),--extra $(extra))
+		$(if $(filter yes,$(COMPILE_BYTECODE)),--compile-bytecode) --extra dev \
+		$(foreach extra,$(EXTRAS),--extra $(extra))
 	touch $@
 
 $(CURDIR)/.tools/bin/uv:
@@ -116,8 +120,8 @@ smoke: $(STAMP)
 
 ui: $(STAMP)
 	$(CHECK_JOBS)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(MLFLOW_JOBS) mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --host $(UI_HOST) --port $(UI_PORT) \
-		--workers $(UI_WORKERS)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(MLFLOW_JOBS) mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" \
+		--host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)
 
 # Not echoed: a SERVER_STORE that holds a password by mistake is refused, not shown. The command says what it starts.
 mlflow-server: $(STAMP)
