@@ -44,6 +44,10 @@ SERVER_AUTH ?= auto
 SERVER_AUTH_STORE ?= sqlite:///$(CURDIR)/mlflow-server-auth.db
 # What a user may do with an experiment nobody granted them anything on: READ, EDIT, MANAGE or NO_PERMISSIONS.
 SERVER_PERMISSION ?= READ
+# How long each server process trusts a password it verified: checking one costs tens of milliseconds of CPU by design
+# (scrypt), on every request a training makes. A password change or a deleted user reaches every process within it;
+# 0 verifies every request.
+SERVER_AUTH_CACHE_S ?= 60
 # Server processes, each of which loads MLflow: MLflow's default, 4; fewer on a small machine.
 SERVER_WORKERS ?= 4
 # MLflow's job runner, for `make ui` and `make mlflow-server`: it runs MLflow's GenAI jobs (LLM judges, prompt
@@ -130,7 +134,7 @@ mlflow-server: $(STAMP)
 		--workers '$(SERVER_WORKERS)' --store '$(SERVER_STORE)' --artifacts '$(SERVER_ARTIFACTS)' \
 		--allowed-hosts '$(SERVER_ALLOWED_HOSTS)' \
 		--auth '$(SERVER_AUTH)' --auth-store '$(SERVER_AUTH_STORE)' --default-permission '$(SERVER_PERMISSION)' \
-		--jobs '$(MLFLOW_JOBS)' --state '$(CURDIR)/.mlflow-server'
+		--auth-cache-seconds '$(SERVER_AUTH_CACHE_S)' --jobs '$(MLFLOW_JOBS)' --state '$(CURDIR)/.mlflow-server'
 
 compare: $(STAMP)
 	python -m cvae_pipeline.commands.compare --out $(COMPARE)

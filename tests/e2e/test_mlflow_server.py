@@ -39,6 +39,7 @@ def test_make_mlflow_server_passes_its_settings_and_listens_on_loopback_by_defau
                            cwd=REPO, capture_output=True, text=True).stdout
     assert "--allowed-hosts 'mlflow.internal,mlflow.internal:5000'" in named and "--host '0.0.0.0'" in named
     assert "--auth 'basic'" in named and "--default-permission 'NO_PERMISSIONS'" in named
+    assert "--auth-cache-seconds '60'" in dry_run
     assert "--jobs 'false'" in dry_run and "--jobs 'true'" in subprocess.run(
         ["make", "-n", "mlflow-server", "MLFLOW_JOBS=true"], cwd=REPO, capture_output=True, text=True).stdout
 

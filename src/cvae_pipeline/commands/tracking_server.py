@@ -67,9 +67,10 @@ def owner_only(path: Path) -> None:
                           f"can read it (mode {stat.S_IMODE(mode):o}): chmod 600 {path}")
 
 
-def auth_config(store: str, default_permission: str, path: Path) -> Path:
+def auth_config(store: str, default_permission: str, cache_seconds: int, path: Path) -> Path:
     """The basic-auth app's configuration: the user's own file (`MLFLOW_AUTH_CONFIG_PATH`, checked), else one written
-    to `path` that holds no secret (the admin's password stays in the environment)."""
+    to `path` that holds no secret (the admin's password stays in the environment). `cache_seconds`: how long a server
+    process trusts a password it verified (0: it verifies every request)."""
     given = os.environ.get(AUTH_CONFIG_ENV)
     if given:
         owner_only(Path(given))
@@ -81,7 +82,7 @@ def auth_config(store: str, default_permission: str, path: Path) -> Path:
                           f"(SERVER_AUTH_STORE={store}) holds no admin {admin!r} yet: export it (from a file only "
                           "you read) for the server's first start, which creates the admin")
     write_bytes_atomic(path, (f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = {store}\n"
-                              f"admin_username = {admin}\n"
+                              f"admin_username = {admin}\nauth_cache_ttl_seconds = {cache_seconds}\n"
                               "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n").encode())
     return path
 
@@ -110,6 +111,9 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     check_no_password("SERVER_STORE", args.store)
     if not args.workers.isdigit() or int(args.workers) < 1:
         raise ServerError(f"make mlflow-server: SERVER_WORKERS must be a positive integer, got {args.workers!r}")
+    if not args.auth_cache_seconds.isdigit():
+        raise ServerError("make mlflow-server: SERVER_AUTH_CACHE_S must be a whole number of seconds (0: no cache), "
+                          f"got {args.auth_cache_seconds!r}")
     auth = args.auth if args.auth != "auto" else ("none" if is_loopback(args.host) else "basic")
     if auth == "none" and not is_loopback(args.host):
         raise ServerError(f"make mlflow-server: SERVER_HOST={args.host} lets other machines reach the server, and "
@@ -131,7 +135,8 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
         command += ["--app-name", "basic-auth"]
         # One file per port: two servers started from one checkout must not read each other's.
         config = args.state / f"basic_auth-{args.port}.ini"
-        env[AUTH_CONFIG_ENV] = str(auth_config(args.auth_store, args.default_permission, config))
+        cache_seconds = int(args.auth_cache_seconds)
+        env[AUTH_CONFIG_ENV] = str(auth_config(args.auth_store, args.default_permission, cache_seconds, config))
         # MLflow's CSRF protection of its login forms needs a key; one per start unless the operator keeps one.
         env.setdefault(SECRET_KEY_ENV, secrets.token_hex(32))
     return command, env
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auth-store", required=True, help="the database of users and permissions (--auth basic)")
     parser.add_argument("--default-permission", default="READ", choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"),
                         help="what a user may do with an experiment nobody granted them (default: %(default)s)")
+    parser.add_argument("--auth-cache-seconds", default="60",
+                        help="how long a server process trusts a password it verified, 0 for never (default: 60)")
     parser.add_argument("--jobs", choices=("true", "false"), default="false",
                         help="run MLflow's job runner for GenAI jobs beside the server (default: %(default)s)")
     parser.add_argument("--state", type=Path, default=Path(".mlflow-server"),

@@ -16,7 +16,7 @@ ADMIN_PASSWORD = "the-admins-password-42"
 def arguments(tmp_path, **given) -> argparse.Namespace:
     values = {"host": "127.0.0.1", "port": 5001, "workers": "4", "store": f"sqlite:///{tmp_path}/s.db",
               "artifacts": str(tmp_path), "allowed_hosts": "", "auth": "auto", "auth_store": f"sqlite:///{tmp_path}/auth.db",
-              "default_permission": "READ", "jobs": "false", "state": tmp_path / "state"}
+              "default_permission": "READ", "auth_cache_seconds": "60", "jobs": "false", "state": tmp_path / "state"}
     return argparse.Namespace(**{**values, **given})
 
 
@@ -43,6 +43,17 @@ def test_mlflows_job_runner_is_off_unless_asked_for(tmp_path, monkeypatch):
     assert server_command(arguments(tmp_path, jobs="true"))[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
 
+def test_the_password_cache_holds_for_the_seconds_given_and_0_turns_it_off(tmp_path):
+    for seconds in ("0", "300"):
+        _, env = server_command(arguments(tmp_path, host="0.0.0.0", auth_cache_seconds=seconds))
+        config = configparser.ConfigParser()
+        config.read(env["MLFLOW_AUTH_CONFIG_PATH"])
+        assert config["mlflow"]["auth_cache_ttl_seconds"] == seconds
+    for bad in ("-1", "1.5", "a minute", ""):
+        with pytest.raises(ServerError, match=f"SERVER_AUTH_CACHE_S must be a whole number of seconds .*got '{bad}'"):
+            server_command(arguments(tmp_path, auth_cache_seconds=bad))
+
+
 @pytest.mark.parametrize("workers", ["0", "-1", "two", ""])
 def test_a_number_of_workers_that_is_not_a_positive_integer_is_refused(tmp_path, workers):
     with pytest.raises(ServerError, match=f"SERVER_WORKERS must be a positive integer, got '{workers}'"):
@@ -57,6 +68,7 @@ def test_beyond_loopback_it_runs_mlflows_basic_auth_app_with_the_password_in_the
     config.read(env["MLFLOW_AUTH_CONFIG_PATH"])
     assert config["mlflow"]["database_uri"] == f"sqlite:///{tmp_path}/auth.db"
     assert config["mlflow"]["default_permission"] == "READ" and config["mlflow"]["admin_username"] == "admin"
+    assert config["mlflow"]["auth_cache_ttl_seconds"] == "60"  # a verified password is trusted this long
     assert ADMIN_PASSWORD not in " ".join(command) + Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == ADMIN_PASSWORD  # MLflow reads it from there
     assert len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) >= 32
