@@ -166,6 +166,13 @@ def group_commands(process: subprocess.Popen) -> list[str]:
     return [line.split(" ", 1)[1] for line in listed.stdout.splitlines() if " " in line]
 
 
+def assert_serving_without_job_runner(process: subprocess.Popen) -> None:
+    """The server `process` leads runs uvicorn and none of MLflow's job runner (`make ui`, `make mlflow-server`)."""
+    serving = group_commands(process)
+    assert any("uvicorn" in command for command in serving), serving
+    assert not [command for command in serving if "mlflow.server.jobs" in command], serving
+
+
 def stop(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)

@@ -15,7 +15,7 @@ import pytest
 from cvae_pipeline.commands.compare import write_comparison
 from helpers import REPO, free_port, run, subprocess_env, write_fake_mnist
 from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, queue_states, runs_in, setup_copy
-from team_services import group_commands, server_process, wait_for_http
+from team_services import assert_serving_without_job_runner, server_process, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 # The whole sweep, and every test of it, this many times in a row: a race shows up as a flaky round. Once in
@@ -142,9 +142,7 @@ def ui(sweep):
     command = ["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}", "EXTRAS=", "ui", f"UI_PORT={port}"]
     with server_process(command, cwd=sweep["repo"], env=subprocess_env()) as (server, log):
         wait_for_http(f"{base}/health", server, "make ui", log)
-        serving = group_commands(server)
-        assert any("uvicorn" in command for command in serving), serving
-        assert not [command for command in serving if "mlflow.server.jobs" in command]  # MLflow's job runner is off
+        assert_serving_without_job_runner(server)
         yield base
 
 
