@@ -5,6 +5,7 @@ gradients to the one-device gradient; workers that disagree or die; and the READ
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import sys
 import pandas
 import pytest
 
-from cvae_pipeline.training.distribution import resolve
+from cvae_pipeline.errors import UserInputError
+from cvae_pipeline.training.distribution import make_strategy, resolve
 from helpers import REPO, subprocess_env, timeless
 from repositories import QUICK_EVALUATION, make_repo_copy, runs_in, setup_copy
 
@@ -20,12 +22,14 @@ pytestmark = pytest.mark.slow
 
 TOLERANCE = 0.02  # relative, per epoch: the replicas draw other noise than one device does, nothing else differs
 EPOCHS = 3
-STEP_TOLERANCE = 0.02  # measured 0.01% (the two draw other noise); a wrong sum or mean is off by 50-100%
+STEP_TOLERANCE = 0.02  # the two draw other noise; a wrong sum or mean is off by 50-100%
 
-# Trains the small synthetic set.
+# Trains the small synthetic set, once per task in argv[2:]: "curve:<batch>" (EPOCHS epochs of Adam at that batch
+# size) or "step:<images>" (one plain SGD step over that many images: its size is the gradient's). The tasks share a
+# process because importing TensorFlow costs more than training; each trainer starts from the seed again.
 SCRIPT = """
 import json, os, sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, os.environ["TESTS"])
 import tensorflow as tf
 if os.environ.get("LOGICAL_CPUS"):
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -35,31 +39,35 @@ import keras
 import numpy as np
 from helpers import make_trainer, params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
+from cvae_pipeline.model import optimization
+strategy, epochs = sys.argv[1], int(os.environ["EPOCHS"])
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
-if os.environ.get("ONE_SGD_STEP"):  # one plain gradient step over that many images: its size is the gradient's
-    from cvae_pipeline.model import optimization
+
+def trainer_for(data, **train):
+    return make_trainer(params_with(model={"latent_dim": 4}, train={"learning_rate": 1e-3, "schedule": "constant",
+                                    "strategy": strategy, "precision": "float32", **train}), data)
+
+def curve(batch):
+    trainer = trainer_for(data, batch_size=batch, epochs=epochs)
+    losses = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, epochs + 1)]
+    return {"curve": losses, "replicas": trainer.strategy.num_replicas_in_sync,
+            "batch": trainer.training_set.batch_size, "steps": trainer.training_set.steps_per_epoch,
+            "chief": trainer.is_chief, "test_elbo": trainer.scorer.evaluate()["test_elbo"]}
+
+def step(count):
     optimization.make_optimizer = lambda cfg, precision, steps_per_epoch: keras.optimizers.SGD(cfg.learning_rate)
-    count = int(os.environ["ONE_SGD_STEP"])
-    data = PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test)
-    params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": count, "learning_rate": 1e-3,
-                         "schedule": "constant", "strategy": sys.argv[1], "precision": "float32"}})
-    trainer = make_trainer(params, data)
+    trainer = trainer_for(PreparedData(Split(data.train.images[:count], data.train.labels[:count]), data.test),
+                          batch_size=count)
     before = [variable.numpy() for variable in trainer.model.trainable_variables]
     trainer.train_epoch(1)
     after = [variable.numpy() for variable in trainer.model.trainable_variables]
-    step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
-    print("RESULT", json.dumps({{"step": float(step), "replicas": trainer.strategy.num_replicas_in_sync}}))
-    sys.exit()
-params = params_with(model={{"latent_dim": 4}}, train={{"batch_size": int(os.environ.get("BATCH", 32)),
-                     "learning_rate": 1e-3, "schedule": "constant", "epochs": {epochs},
-                     "strategy": sys.argv[1], "precision": "float32"}})
-trainer = make_trainer(params, data)
-curve = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(1, {epochs} + 1)]
-print("RESULT", json.dumps({{"curve": curve, "replicas": trainer.strategy.num_replicas_in_sync,
-                            "batch": trainer.training_set.batch_size,
-                            "steps": trainer.training_set.steps_per_epoch, "chief": trainer.is_chief,
-                            "test_elbo": trainer.scorer.evaluate()["test_elbo"]}}))
-""".format(tests=str(REPO / "tests"), epochs=EPOCHS)
+    size = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
+    return {"step": float(size), "replicas": trainer.strategy.num_replicas_in_sync}
+
+tasks = sorted(sys.argv[2:], key=lambda task: task.startswith("step"))  # curves first: steps replace the optimizer
+results = {task: {"curve": curve, "step": step}[task.split(":")[0]](int(task.split(":")[1])) for task in tasks}
+print("RESULT", json.dumps(results))
+"""
 
 
 def start(script: str, *args: str, **env: str) -> subprocess.Popen:
@@ -69,8 +77,9 @@ def start(script: str, *args: str, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def train(strategy: str, **env: str) -> subprocess.Popen:
-    return start(SCRIPT, strategy, **env)
+def train(strategy: str, *tasks: str, **env: str) -> subprocess.Popen:
+    """SCRIPT's `tasks` on `strategy`; `result` reads what they give, by task."""
+    return start(SCRIPT, strategy, *tasks, TESTS=str(REPO / "tests"), EPOCHS=str(EPOCHS), **env)
 
 
 def cluster(workers: list[str], index: int) -> str:
@@ -85,8 +94,13 @@ def result(process: subprocess.Popen) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_device():
-    return result(train("one_device"))
+def trained():
+    """What one device and 2 and 3 mirrored replicas (logical CPUs) train, by strategy and task: 3 replicas at
+    batch 30 and over 510 images, which they split evenly."""
+    processes = {"one_device": train("one_device", "curve:32", "curve:30", "step:512", "step:510"),
+                 "mirrored 2": train("mirrored", "curve:32", "step:512", LOGICAL_CPUS="2"),
+                 "mirrored 3": train("mirrored", "curve:30", "step:510", LOGICAL_CPUS="3")}
+    return {name: result(process) for name, process in processes.items()}
 
 
 def assert_same_curve(curve, reference):
@@ -103,23 +117,23 @@ def test_auto_mirrors_over_several_gpus_only(name, gpus, chosen):
     assert resolve(name, gpus) == chosen
 
 
-def test_mirrored_on_two_logical_cpus_follows_the_one_device_curve(one_device):
-    mirrored = result(train("mirrored", LOGICAL_CPUS="2"))
+def test_mirrored_on_two_logical_cpus_follows_the_one_device_curve(trained):
+    mirrored = trained["mirrored 2"]["curve:32"]
     assert mirrored["replicas"] == 2
-    assert_same_curve(mirrored["curve"], one_device["curve"])
+    assert_same_curve(mirrored["curve"], trained["one_device"]["curve:32"]["curve"])
 
 
-def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_device_curve():
+def test_three_replicas_and_a_last_batch_too_short_to_share_follow_the_one_device_curve(trained):
     """512 = 17 x 30 + 2: one device trains on the 2, three replicas drop them (one would have no image)."""
-    mirrored = result(train("mirrored", LOGICAL_CPUS="3", BATCH="30"))
+    mirrored = trained["mirrored 3"]["curve:30"]
     assert mirrored["replicas"] == 3
-    assert_same_curve(mirrored["curve"], result(train("one_device", BATCH="30"))["curve"])
+    assert_same_curve(mirrored["curve"], trained["one_device"]["curve:30"]["curve"])
 
 
 def test_the_default_batch_trains_on_replicas_it_does_not_split_over_rounded_down_to_whole_images_each():
     """tf.distribute would hand 100 images to 8 replicas as 13 x 7 + 9: they train on 96, 12 each. The rounding on 1
     to 8 replicas is test_hardware's; this trains on the most of them, for real."""
-    mirrored = result(train("mirrored", LOGICAL_CPUS="8", BATCH="100"))
+    mirrored = result(train("mirrored", "curve:100", LOGICAL_CPUS="8"))["curve:100"]
     assert (mirrored["replicas"], mirrored["batch"], mirrored["steps"]) == (8, 96, 512 // 96)
     assert mirrored["curve"][-1] < mirrored["curve"][0]
 
@@ -134,31 +148,38 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def test_two_workers_on_loopback_follow_the_one_device_curve(one_device):
+def test_two_workers_on_loopback_follow_the_one_device_curve(trained):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [train("multi_worker", TF_CONFIG=cluster(workers, index)) for index in range(2)]
-    chief, other = (result(process) for process in processes)
+    processes = [train("multi_worker", "curve:32", TF_CONFIG=cluster(workers, index)) for index in range(2)]
+    chief, other = (result(process)["curve:32"] for process in processes)
     assert chief["replicas"] == other["replicas"] == 2
     assert chief["chief"] and not other["chief"]
     assert chief["curve"] == other["curve"]  # the all-reduced losses...
     assert chief["test_elbo"] == other["test_elbo"]  # ...and each worker's own weights: one model, in lockstep
-    assert_same_curve(chief["curve"], one_device["curve"])
+    assert_same_curve(chief["curve"], trained["one_device"]["curve:32"]["curve"])
 
 
 @pytest.mark.parametrize(("replicas", "images"), [(2, 512), (3, 510)])
-def test_replicas_sum_their_gradients_to_the_one_device_gradient(replicas, images):
+def test_replicas_sum_their_gradients_to_the_one_device_gradient(trained, replicas, images):
     """Adam hides a gradient off by a constant factor (its step is scale-free); a plain SGD step does not: the
     replicas' gradients of their share of the global mean must add up to the one-device gradient."""
-    one, mirrored = (result(train(strategy, ONE_SGD_STEP=str(images), LOGICAL_CPUS=cpus))
-                     for strategy, cpus in (("one_device", ""), ("mirrored", str(replicas))))
+    one, mirrored = trained["one_device"][f"step:{images}"], trained[f"mirrored {replicas}"][f"step:{images}"]
     assert mirrored["replicas"] == replicas
     assert abs(mirrored["step"] / one["step"] - 1) <= STEP_TOLERANCE, (mirrored, one)
 
 
-def test_multi_worker_without_a_cluster_says_what_is_missing():
-    process = train("multi_worker", TF_CONFIG="")
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0 and "train.strategy=multi_worker needs TF_CONFIG" in err
+@pytest.mark.parametrize(("cluster_spec", "message"), [
+    (None, "train.strategy=multi_worker needs TF_CONFIG (the cluster and this worker's index, as JSON)"),
+    ("", "train.strategy=multi_worker needs TF_CONFIG"),
+    ('{"task": {"index": 0}}', "TF_CONFIG: not a cluster spec with workers"),
+])
+def test_multi_worker_without_a_cluster_says_what_is_missing(monkeypatch, cluster_spec, message):
+    if cluster_spec is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", cluster_spec)
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        make_strategy("multi_worker")
 
 
 ENDLESS = """
@@ -192,26 +213,27 @@ def test_when_a_worker_dies_the_others_stop_saying_so():
 
 
 AGREEMENT = """
-import os, sys
+import sys
 import tensorflow as tf
 from cvae_pipeline.training.distribution import require_same_on_every_worker
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
-require_same_on_every_worker(strategy, {"checkpoint epoch": int(sys.argv[1])}, "give them the same checkpoint")
-print("AGREED")
+for round, epoch in enumerate(sys.argv[1:], start=1):
+    require_same_on_every_worker(strategy, {"checkpoint epoch": int(epoch)}, "give them the same checkpoint")
+    print("AGREED", round, flush=True)
 """
 
 
-@pytest.mark.parametrize(("epochs", "agreed"), [((3, 3), True), ((0, 3), False)])
-def test_workers_resuming_from_different_checkpoints_all_stop_saying_why(epochs, agreed):
+def test_workers_resuming_from_different_checkpoints_all_stop_saying_why():
+    """Two rounds in one cluster: both workers at epoch 3 go on; then the first at 0 and the second at 3 both stop."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [start(AGREEMENT, str(epoch), TF_CONFIG=cluster(workers, index)) for index, epoch in enumerate(epochs)]
+    epochs = [("3", "0"), ("3", "3")]
+    processes = [start(AGREEMENT, *rounds, TF_CONFIG=cluster(workers, index)) for index, rounds in enumerate(epochs)]
     for process in processes:
         out, err = process.communicate(timeout=300)
-        if agreed:
-            assert process.returncode == 0 and "AGREED" in out, err[-2000:]
-        else:  # every worker, not only the one that differs from the chief
-            assert process.returncode != 0 and "AGREED" not in out
-            assert "the workers disagree on their checkpoint epoch (0, 3): give them the same checkpoint" in err
+        assert "AGREED 1" in out, err[-2000:]
+        # every worker stops, not only the one that differs from the chief
+        assert process.returncode != 0 and "AGREED 2" not in out
+        assert "the workers disagree on their checkpoint epoch (0, 3): give them the same checkpoint" in err
 
 
 def test_the_readme_launch_two_hosts_with_dvc_exp_run(tmp_path, fake_mnist):
