@@ -71,15 +71,16 @@ print("RESULT", json.dumps(results))
 
 
 def start(script: str, *args: str, **env: str) -> subprocess.Popen:
-    """`script` in a fresh Python process (devices can only be split before TensorFlow starts)."""
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    """`script` in a fresh Python process (devices can only be split before TensorFlow starts), with the tests'
+    helpers importable from TESTS."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TESTS": str(REPO / "tests"), **env}
     return subprocess.Popen([sys.executable, "-c", script, *args], env=environment, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def train(strategy: str, *tasks: str, **env: str) -> subprocess.Popen:
     """SCRIPT's `tasks` on `strategy`; `result` reads what they give, by task."""
-    return start(SCRIPT, strategy, *tasks, TESTS=str(REPO / "tests"), EPOCHS=str(EPOCHS), **env)
+    return start(SCRIPT, strategy, *tasks, EPOCHS=str(EPOCHS), **env)
 
 
 def cluster(workers: list[str], index: int) -> str:
@@ -183,17 +184,17 @@ def test_multi_worker_without_a_cluster_says_what_is_missing(monkeypatch, cluste
 
 
 ENDLESS = """
-import sys
-sys.path.insert(0, {tests!r})
+import os, sys
+sys.path.insert(0, os.environ["TESTS"])
 from helpers import make_trainer, params_with, synthetic_digits
 from cvae_pipeline.data import PreparedData, Split
 data = PreparedData(Split(*synthetic_digits(512, seed=1)), Split(*synthetic_digits(128, seed=2)))
-trainer = make_trainer(params_with(model={{"latent_dim": 4}}, train={{"batch_size": 32, "strategy": "multi_worker",
-                                                               "precision": "float32"}}), data)
+trainer = make_trainer(params_with(model={"latent_dim": 4}, train={"batch_size": 32, "strategy": "multi_worker",
+                                                            "precision": "float32"}), data)
 for epoch in range(1, 1000):
     trainer.train_epoch(epoch)
     print("EPOCH", epoch, flush=True)
-""".format(tests=str(REPO / "tests"))
+"""
 
 
 def test_when_a_worker_dies_the_others_stop_saying_so():
