@@ -1,6 +1,5 @@
 """train stage: train the CVAE (resuming an interrupted run), log it to MLflow, write the model and its metrics."""
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ STARTED = time.perf_counter()  # each epoch's elapsed_seconds counts from here: 
 # This checkout's code, not whichever copy is installed: a DVC experiment runs in its own copy of the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
@@ -20,7 +20,7 @@ OUTPUTS = ["model", "history", "metrics", "progress", "run", "checkpoint"]
 def main() -> None:
     args = stage_arguments(__doc__, ["prepared", *OUTPUTS])
     params = load_params(args.params)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tensorflow_runtime.start()  # quietly, with GPU memory that grows
     from cvae_pipeline.training.stage import TrainOutputs, train_and_track  # TensorFlow loads after validation
 
     data = load_prepared(args.prepared)

@@ -1,12 +1,12 @@
 """visualize stage: reconstructions, prior samples, latent space, training curves and the training animation."""
 
-import os
 import sys
 from pathlib import Path
 
 # This checkout's code, not whichever copy is installed: a DVC experiment runs in its own copy of the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
@@ -17,7 +17,7 @@ def main() -> None:
     args = stage_arguments(__doc__, ["prepared", "model", "history", "train_metrics", "metrics", "progress", "run",
                                      "figures"])
     params = load_params(args.params)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tensorflow_runtime.start()  # quietly, with GPU memory that grows
     from cvae_pipeline.evaluation.figures import draw_all  # TensorFlow loads after validation
 
     upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics), Path(args.metrics))

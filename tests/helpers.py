@@ -66,10 +66,11 @@ def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment of a stage run: this venv's `python` and `dvc` first on PATH, no inherited mirror, MLflow
-    store or credentials (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI)."""
+    store, credentials (`mlflow.set_tracking_uri` in a test exports MLFLOW_TRACKING_URI) or TensorFlow log level."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MNIST_MIRROR", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_ROOT", "DVC_EXP_NAME",
-                        "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+                        "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                        "TF_CPP_MIN_LOG_LEVEL")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(overrides)
     return env

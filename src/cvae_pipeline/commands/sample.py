@@ -8,12 +8,12 @@ latent space, also the decoded latent manifold (the tutorial's figure) beside it
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.cli import run_stage
 from cvae_pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from cvae_pipeline.errors import UserInputError
@@ -81,7 +81,7 @@ def main() -> None:
         raise UserInputError("--count must be >= 1, --seed >= 0 and --manifold 0 (none) or >= 2")
     if args.model is None:
         args.model = f"models:/{load_params(args.params).registry.model_name}@{ALIAS}"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tensorflow_runtime.start()  # quietly, with GPU memory that grows
     model = load_cvae(args.model)
     write_grid(prior_samples(model, args.count, args.seed), args.out)
     print(f"{args.count} samples from the prior of {args.model} (seed {args.seed}) -> {args.out}")

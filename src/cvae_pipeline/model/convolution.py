@@ -1,12 +1,20 @@
 """A convolution that TensorFlow's CPU kernels compute slowly, computed another way: same numbers, same gradients.
 
-TensorFlow's CPU kernels (oneDNN) handle a convolution to a single output channel poorly: the decoder's last layer,
-Conv2DTranspose(1, 3x3, stride 1, "same") from 32 channels, ran at a fourteenth of the FLOP rate of the layer before
-it and took a tenth of a float32 training step. Its gradients run fast, since they go the other way (from one channel
-to 32).
+TensorFlow's CPU kernels (oneDNN) handle a convolution to a single output channel poorly, and the decoder's last layer,
+Conv2DTranspose(1, 3x3, stride 1, "same") from 32 channels, is one (docs/performance.md has the measurements). Its
+gradients run fast, since they go the other way (from one channel to 32). The replacement is for TensorFlow on a CPU
+alone (`replacement_helps`): on a GPU, Keras' own Conv2DTranspose runs, whose kernels exist in every precision there.
 """
 
+import functools
+
 import tensorflow as tf
+
+
+@functools.cache
+def replacement_helps() -> bool:
+    """Whether the model runs on a CPU here: TensorFlow sees no GPU, so it places the model's work on the CPU."""
+    return not tf.config.list_logical_devices("GPU")
 
 
 @tf.custom_gradient

@@ -5,6 +5,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS
@@ -18,6 +19,7 @@ def load_model_file(path: str | Path, error: type[Exception] = UserInputError,
     """A trained `.keras` file as a float32 CVAE (however it was trained), loaded with Keras' safe mode; a missing,
     damaged or foreign file raises `error` with one line naming it and saying what to do: `remedy`, else retrain."""
     path = Path(path)
+    tensorflow_runtime.start()  # wherever a model is loaded (a stage, a command, a served model): GPU memory grows
     if not path.is_file():
         raise error(f"{path}: no trained model; {remedy or 'run `dvc repro train` first'}")
     try:

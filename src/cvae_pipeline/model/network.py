@@ -11,9 +11,10 @@ IMAGE_SHAPE = (28, 28, 1)
 @keras.saving.register_keras_serializable(package="cvae_pipeline")
 class OneChannelConv2DTranspose(layers.Conv2DTranspose):
     """Conv2DTranspose to one channel at stride 1 with "same" padding (the decoder's last layer): the same weights,
-    outputs (to float rounding) and gradients, with the forward pass computed as TensorFlow's CPU kernels do it fast
-    (`convolution.one_channel_conv_transpose`; docs/performance.md). On another Keras backend
-    (JAX, which `benchmarks/iwae_jax.py` loads the model on), Keras' own Conv2DTranspose."""
+    outputs (to float rounding) and gradients. With TensorFlow on a CPU, the forward pass is computed as TensorFlow's
+    CPU kernels do it fast (`convolution.one_channel_conv_transpose`); elsewhere (a GPU, or another Keras backend such
+    as JAX, which `benchmarks/iwae_jax.py` loads the model on) it is Keras' own Conv2DTranspose. A model saved on one
+    path loads on the other: only the computation differs, never the weights."""
 
     def __init__(self, filters=1, kernel_size=3, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
@@ -25,9 +26,11 @@ class OneChannelConv2DTranspose(layers.Conv2DTranspose):
     def call(self, inputs):
         if keras.backend.backend() != "tensorflow":
             return super().call(inputs)
-        from cvae_pipeline.model.convolution import one_channel_conv_transpose  # TensorFlow: absent beside JAX
+        from cvae_pipeline.model import convolution  # TensorFlow: absent beside JAX
 
-        outputs = one_channel_conv_transpose(inputs, keras.ops.cast(self.kernel, inputs.dtype))
+        if not convolution.replacement_helps():
+            return super().call(inputs)
+        outputs = convolution.one_channel_conv_transpose(inputs, keras.ops.cast(self.kernel, inputs.dtype))
         if self.use_bias:
             outputs = outputs + keras.ops.cast(self.bias, inputs.dtype)
         return self.activation(outputs)
@@ -61,8 +64,8 @@ class CVAE(keras.Model):
                                        name="decoder_deconv_1"),
                 layers.Conv2DTranspose(decoder_filters[1], 3, strides=2, padding="same", activation="relu",
                                        name="decoder_deconv_2"),
-                # Computed in the policy's precision: in float32, this one-channel layer cost a quarter of a
-                # bfloat16 training step. `decode` hands the loss float32 logits all the same.
+                # Computed in the policy's precision, like the layers before it (docs/performance.md: in float32 it
+                # slowed a bfloat16 training step); `decode` hands the loss float32 logits all the same.
                 OneChannelConv2DTranspose(1, 3, strides=1, padding="same", name="decoder_logits"),
             ],
             name="decoder",

@@ -7,6 +7,10 @@ versions. `logged_model.log_model` names this file; importing it only tells MLfl
 
 from mlflow.models import set_model
 
-from cvae_pipeline.tracking.logged_model import ReconstructionModel
+from cvae_pipeline import tensorflow_runtime
+
+tensorflow_runtime.start()  # before the model's TensorFlow loads: quietly, with GPU memory that grows
+
+from cvae_pipeline.tracking.logged_model import ReconstructionModel  # noqa: E402
 
 set_model(ReconstructionModel())

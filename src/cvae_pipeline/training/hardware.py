@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -100,14 +101,14 @@ def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
 
 
 def detect() -> Machine:
-    """This machine. Call it before any tensor exists: GPU memory is then claimed as needed, not all at once."""
+    """This machine. Call it before any tensor exists: GPU memory is then claimed as needed, not all at once
+    (`tensorflow_runtime.start`)."""
     try:
         model, flags = parse_cpuinfo(CPUINFO.read_text(errors="replace"))
     except OSError:  # not Linux
         model, flags = parse_cpuinfo("")
     gpus = []
-    for device in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(device, True)
+    for device in tensorflow_runtime.start():  # their memory grows: two trainings can share a GPU
         details = tf.config.experimental.get_device_details(device)
         capability = details.get("compute_capability")
         gpus.append(Gpu(details.get("device_name", device.name), tuple(capability) if capability else None))

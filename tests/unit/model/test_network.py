@@ -110,8 +110,49 @@ def test_the_one_channel_output_layer_refuses_another_layout():
         OneChannelConv2DTranspose(1, 3, strides=2, padding="same")
 
 
-def test_the_decoder_computes_its_last_layer_as_a_depthwise_convolution():
+def decoder_operations(model) -> set[str]:
+    traced = tf.function(model.decode).get_concrete_function(tf.TensorSpec((2, model.latent_dim), tf.float32)).graph
+    return {operation.type for operation in traced.get_operations()}
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def path(request, monkeypatch):
+    """Which computation of the decoder's last layer runs: forced, as on a CPU (the depthwise replacement) or as on a
+    GPU (Keras' own Conv2DTranspose)."""
+    from cvae_pipeline.model import convolution
+
+    monkeypatch.setattr(convolution, "replacement_helps", lambda: request.param == "cpu")
+    return request.param
+
+
+def test_the_decoder_computes_its_last_layer_as_a_depthwise_convolution_on_a_cpu_only(path):
     model = build_cvae(ModelParams(latent_dim=4, encoder_filters=(4, 8), decoder_filters=(8, 4)))
     assert isinstance(model.decoder.get_layer("decoder_logits"), OneChannelConv2DTranspose)
-    traced = tf.function(model.decode).get_concrete_function(tf.TensorSpec((2, 4), tf.float32)).graph
-    assert "DepthwiseConv2dNative" in {operation.type for operation in traced.get_operations()}
+    operations = decoder_operations(model)
+    assert ("DepthwiseConv2dNative" in operations) == (path == "cpu")
+    # Keras' Conv2DTranspose is TensorFlow's Conv2DBackpropInput: the decoder's two stride-2 layers, and the last one.
+    transposed = [operation for operation in tf.function(model.decode).get_concrete_function(
+        tf.TensorSpec((2, 4), tf.float32)).graph.get_operations() if operation.type == "Conv2DBackpropInput"]
+    assert len(transposed) == (2 if path == "cpu" else 3)
+
+
+def test_a_model_scores_the_same_whichever_path_saved_it_and_whichever_loads_it(tmp_path, monkeypatch):
+    from cvae_pipeline.model import convolution
+    from cvae_pipeline.model.loading import load_model_file
+    from cvae_pipeline.model.losses import elbo_terms
+
+    rng = np.random.default_rng(0)
+    images = tf.constant((rng.uniform(size=(5, 28, 28, 1)) > 0.5).astype(np.float32))
+    noise = tf.constant(rng.standard_normal((5, 4)).astype(np.float32))
+    for saved_on, loaded_on in [("cpu", "gpu"), ("gpu", "cpu")]:
+        monkeypatch.setattr(convolution, "replacement_helps", lambda on=saved_on: on == "cpu")
+        model = build_cvae(ModelParams(latent_dim=4, encoder_filters=(4, 8), decoder_filters=(8, 4)), "float32")
+        model.decoder.get_layer("decoder_logits").bias.assign([0.3])  # a bias that is used shows if it were lost
+        before = [term.numpy() for term in elbo_terms(model, images, noise)]
+        model.save(tmp_path / f"{saved_on}.keras")
+        monkeypatch.setattr(convolution, "replacement_helps", lambda on=loaded_on: on == "cpu")
+        loaded = load_model_file(tmp_path / f"{saved_on}.keras")
+        assert ("DepthwiseConv2dNative" in decoder_operations(loaded)) == (loaded_on == "cpu")
+        after = [term.numpy() for term in elbo_terms(loaded, images, noise)]
+        for saved, reloaded in zip(before, after, strict=True):
+            np.testing.assert_allclose(reloaded, saved, rtol=1e-5, atol=1e-4)
