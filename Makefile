@@ -165,3 +165,23 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV) .tools
+
+# make tutorial EDITION=2020 or EDITION=current: the TensorFlow CVAE tutorial's edition as one DVC experiment
+# (tutorial-2020, tutorial-current) with every setting it takes as an -S override, so `dvc exp show` lists them. Both
+# editions: a constant Adam 1e-4, the weights themselves (no average), the one-sample Monte Carlo KL, float32, and all
+# 60,000 training images with the test set scored after each epoch (no validation set); params.yaml's defaults are
+# the tutorial's for the rest (filters, binarization at 0.5, beta 1, every image). train.steps_per_call keeps its
+# default: it changes the speed, not the numbers. tests/test_tutorial.py checks them against the published settings.
+TUTORIAL_BOTH := train.learning_rate=1e-4 train.schedule=constant train.ema_momentum=0 train.kl=monte_carlo \
+	train.precision=float32 data.validation_size=0
+TUTORIAL_2020 := model.latent_dim=50 train.batch_size=100 train.epochs=100 $(TUTORIAL_BOTH)
+TUTORIAL_current := model.latent_dim=2 train.batch_size=32 train.epochs=10 $(TUTORIAL_BOTH)
+EDITION ?=
+ifneq ($(filter tutorial,$(MAKECMDGOALS)),)
+ifeq ($(strip $(TUTORIAL_$(EDITION))),)
+$(error make tutorial: EDITION must be 2020 or current, got '$(EDITION)')
+endif
+endif
+.PHONY: tutorial
+tutorial: $(STAMP) ## reproduce the TensorFlow tutorial's CVAE as a DVC experiment: EDITION=2020 or EDITION=current
+	dvc exp run -n tutorial-$(EDITION) $(foreach s,$(TUTORIAL_$(EDITION)),-S '$(s)')

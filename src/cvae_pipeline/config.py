@@ -23,6 +23,9 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 SCHEDULES = ("constant", "cosine")
 # Not a param: the tutorial's published test ELBO (2020 edition, 100 epochs), the quality a recipe is timed to reach.
 TUTORIAL_ELBO = -78.3
+# Not a param: MNIST's training images, of which data.validation_size are held out; known before any download, so a
+# validation set that would leave none to train on is refused with the other params errors.
+MNIST_TRAIN_IMAGES = 60_000
 
 POSITIVE_INTEGER = "a positive integer"
 POSITIVE_NUMBER = "a positive finite number"
@@ -52,7 +55,8 @@ class Section(BaseModel):
 
 class DataParams(Section):
     threshold: float = allows("a number in (0, 1)", gt=0, lt=1)
-    validation_size: int = allows("an integer >= 0", ge=0)
+    validation_size: int = allows(f"an integer >= 0 and < {MNIST_TRAIN_IMAGES:,} (MNIST's training images)", ge=0,
+                                  lt=MNIST_TRAIN_IMAGES)
     validation_seed: int = allows("an integer >= 0", ge=0)
     train_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")
     test_limit: PositiveInteger | None = allows(f"{POSITIVE_INTEGER} or null")

@@ -70,6 +70,23 @@ def test_bad_params_stop_the_stage_with_status_2_one_line_and_no_output(tmp_path
     assert not any(path.exists() for path in outputs.values())
 
 
+def test_a_validation_set_of_all_training_images_is_refused_before_any_download(tmp_path):
+    """MNIST's 60,000 training images are known before it is fetched: a validation set that would leave none to train
+    on stops prepare as every other bad param does, exit 2 and one line, without looking for the data."""
+    assert parse_params(edited(set_key("data", "validation_size", 59_999))).data.validation_size == 59_999
+    params = tmp_path / "params.yaml"
+    params.write_text(edited(set_key("data", "validation_size", 60_000)))
+    outputs = {name: tmp_path / name for name in ("raw", "prepared.npz", "summary.json")}
+    result = run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(params),
+                  "--manifest", str(REPO / "data/mnist.json"), "--raw-dir", str(outputs["raw"]),
+                  "--prepared", str(outputs["prepared.npz"]), "--summary", str(outputs["summary.json"])],
+                 cwd=tmp_path, MNIST_MIRROR=str(tmp_path / "absent"))  # a download would fail otherwise (exit 1)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"{params}: data.validation_size must be an integer >= 0 and < 60,000 (MNIST's "
+                                     "training images), got 60000")
+    assert not any(path.exists() for path in outputs.values())
+
+
 def test_params_are_flattened_as_params_yaml_spells_them():
     flat = params_with(train={"batch_size": 64}).flat()
     assert flat["train.batch_size"] == "64"
