@@ -36,8 +36,8 @@ from measures import MEASURES, PREPARED, REFERENCE, ROOT, WITH_CONFIG, noop_repr
 from report import report
 
 from cvae_pipeline.config import TUTORIAL_ELBO  # the tutorial's printed test ELBO after 100 epochs
-from cvae_pipeline.evaluation.train_outputs import scored_split
 from cvae_pipeline.fileio import write_bytes_atomic
+from cvae_pipeline.scores import scored_split
 
 YARDSTICK_EPOCHS_TO_QUALITY = 95  # epochs the yardstick needs to reach it at Adam 1e-4 (measured for issue 16)
 STAGE_REPETITIONS = 3  # a median of 3: one stalled repetition (a busy machine) does not decide it

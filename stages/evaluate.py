@@ -10,7 +10,7 @@ from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.evaluation.train_outputs import UpstreamOutputs
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     from cvae_pipeline.evaluation.stage import evaluate_and_track  # TensorFlow loads after validation
 
     data = load_prepared(args.prepared)
-    upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics))
+    upstream = UpstreamOutputs(Path(args.run), Path(args.history), Path(args.train_metrics))
     evaluate_and_track(params, data, Path(args.model), upstream, Path(args.metrics))
 
 

@@ -10,7 +10,7 @@ from cvae_pipeline import tensorflow_runtime
 from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.evaluation.train_outputs import UpstreamOutputs
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     tensorflow_runtime.start()  # quietly, with GPU memory that grows
     from cvae_pipeline.evaluation.figures import draw_all  # TensorFlow loads after validation
 
-    upstream = Upstream(Path(args.run), Path(args.history), Path(args.train_metrics), Path(args.metrics))
+    upstream = UpstreamOutputs(Path(args.run), Path(args.history), Path(args.train_metrics), Path(args.metrics))
     draw_all(params, load_prepared(args.prepared), Path(args.model), Path(args.progress), upstream,
              Path(args.figures))
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cvae_pipeline.config import DataParams
 from cvae_pipeline.errors import DataError, ParamsError
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path, write_bytes_atomic
+from cvae_pipeline.scores import SPLITS, TEST, TRAIN, VALIDATION
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ SIDE = 28
 PIXELS = SIDE * SIDE
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
-IDX_SPLITS = ("train", "test")  # the splits of the IDX files
-SPLITS = ("train", "validation", "test")  # the splits of the prepared data
+IDX_SPLITS = (TRAIN, TEST)  # the splits of the IDX files
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -75,7 +75,7 @@ class PreparedData:
     def selection(self) -> tuple[str, Split]:
         """The split that every per-epoch score and every choice reads, and its name: the validation set, or the test
         set where there is none (the tutorial's way)."""
-        return ("validation", self.validation) if self.validation is not None else ("test", self.test)
+        return (VALIDATION, self.validation) if self.validation is not None else (TEST, self.test)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -249,15 +249,15 @@ def prepare(manifest: Manifest, raw_dir: Path, cfg: DataParams) -> PreparedData:
     `train_limit` training and `test_limit` test images, and binarize them."""
     arrays = fetch_all(manifest, raw_dir)
     train, validation = split_validation(len(arrays["train_images"]), cfg.validation_size, cfg.validation_seed)
-    positions = {"train": train[:cfg.train_limit], "validation": validation,
-                 "test": np.arange(len(arrays["test_images"]))[:cfg.test_limit]}
+    positions = {TRAIN: train[:cfg.train_limit], VALIDATION: validation,
+                 TEST: np.arange(len(arrays["test_images"]))[:cfg.test_limit]}
     splits = {}
     for split, chosen in positions.items():
-        source = "test" if split == "test" else "train"
+        source = TEST if split == TEST else TRAIN
         splits[split] = Split(binarize(arrays[f"{source}_images"][chosen], cfg.threshold),
                               arrays[f"{source}_labels"][chosen], chosen)
     if not len(validation):
-        splits["validation"] = None
+        splits[VALIDATION] = None
         log.info("data.validation_size is 0: no validation set; every per-epoch score and every choice of an epoch "
                  "or a run reads the test set, as the tutorial does, so its test numbers are no longer unbiased")
     return PreparedData(**splits)
@@ -284,7 +284,7 @@ def load_prepared(path: str | Path) -> PreparedData:
         with np.load(path, allow_pickle=False) as archive:
             splits = {}
             for split in SPLITS:
-                if split == "validation" and f"{split}_images" not in archive:
+                if split == VALIDATION and f"{split}_images" not in archive:
                     continue  # prepared without a validation set
                 packed = archive[f"{split}_images"]
                 images = np.unpackbits(packed, axis=1, count=PIXELS).reshape(-1, SIDE, SIDE)

@@ -376,7 +376,7 @@ DAMAGED = {  # file, how it is damaged, the stage that reads it, what its one li
                                                   "damaged"),
     "model": ("models/cvae.keras", truncate, "evaluate", "not a model this version of cvae_pipeline can load"),
     "evaluate's metrics without their splits": ("reports/metrics.json", lambda p: p.write_text('{"elbo": -80.0}'),
-                                                "visualize", "damaged (not the test and validation sets' metrics"),
+                                                "visualize", "damaged metrics (not the test and validation sets'"),
 }
 
 

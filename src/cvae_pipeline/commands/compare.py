@@ -18,17 +18,20 @@ import dvc.api
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import Params, Section
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import atomic_path
 
-SPLIT_METRICS = ["elbo", "iwae", "kl", "reconstruction_nll", "active_units", "pixel_accuracy"]  # evaluate's, per split
+SPLIT_METRICS = [scores.ELBO, scores.IWAE, scores.KL, scores.RECONSTRUCTION_NLL, scores.ACTIVE_UNITS,
+                 scores.PIXEL_ACCURACY]  # evaluate's, per split
 TRAINING_METRICS = ["epoch_to_quality", "seconds_to_quality", "train_seconds"]
 
 
 def ranking_split(table: pd.DataFrame) -> str:
     """The split experiments are ranked by: validation, unless none of them has one."""
-    return "validation" if "validation.elbo" in table and table["validation.elbo"].notna().any() else "test"
+    column = scores.experiment_column(scores.VALIDATION)
+    return scores.VALIDATION if column in table and table[column].notna().any() else scores.TEST
 
 
 def param_keys(cls: type[Section] = Params, prefix: str = "") -> list[str]:
@@ -45,9 +48,10 @@ def param_keys(cls: type[Section] = Params, prefix: str = "") -> list[str]:
 def experiments_table(rows: list[dict]) -> pd.DataFrame:
     """One row per experiment (and its baseline commit), params then metrics, best validation ELBO first."""
     table = pd.DataFrame(rows)
-    if table.empty or "test.elbo" not in table:
+    test_elbo = scores.experiment_column(scores.TEST)
+    if table.empty or test_elbo not in table:
         raise UserInputError("no experiments with evaluate metrics here; run `dvc exp run` (see docs/experiments.md)")
-    table = table[(table["rev"] != "workspace") & table["test.elbo"].notna()].copy()
+    table = table[(table["rev"] != "workspace") & table[test_elbo].notna()].copy()
     table.insert(0, "experiment", table["Experiment"].fillna(table["rev"]))
     params = [key for key in param_keys() if key in table]
     for column in table.columns.difference([*params, "experiment", "Experiment", "rev", "typ", "Created", "parent",
@@ -63,7 +67,7 @@ def experiments_table(rows: list[dict]) -> pd.DataFrame:
     for key in params:
         table[key] = table[key].map(_as_in_params_file)
     # Experiments without a validation set last: nothing to rank them by but the test set.
-    return table.sort_values(f"{ranking_split(table)}.elbo", ascending=False, kind="stable",
+    return table.sort_values(scores.experiment_column(ranking_split(table)), ascending=False, kind="stable",
                              na_position="last").reset_index(drop=True)
 
 
@@ -82,11 +86,11 @@ def markdown(table: pd.DataFrame) -> str:
     changing = varied(table)
     constant = [key for key in param_keys() if key in table and key not in changing]
     split = ranking_split(table)
-    headline = [f"{split}.{metric}" for metric in SPLIT_METRICS] + TRAINING_METRICS
+    headline = [scores.experiment_column(split, metric) for metric in SPLIT_METRICS] + TRAINING_METRICS
     shown = table[["experiment", *changing, *[m for m in headline if m in table]]]
     fixed = ", ".join(f"`{key}={table[key].iloc[0]}`" for key in constant)
     note = ("The test set's metrics are in the CSV: the final report of the experiment you choose, not a way to "
-            "choose it." if split == "validation" else "No experiment has a validation set "
+            "choose it." if split == scores.VALIDATION else "No experiment has a validation set "
             "(`data.validation_size: 0`): ranked by the test set, whose numbers are then optimistic.")
     return (f"# Experiments, best {split} ELBO first\n\n{shown.to_markdown(index=False, floatfmt='.4g')}\n\n"
             f"Metrics in nats per {split} image (`elbo`, `iwae`: higher is better). {note} "
@@ -105,11 +109,13 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         for value, rows in groups:
             rows = rows.sort_values(x, key=lambda column: pd.to_numeric(column, errors="coerce"))
             label = f"{group}={value}" if group else None
-            axes[0].plot(rows[x].astype(str), rows[f"{split}.elbo"], marker="o",
+            axes[0].plot(rows[x].astype(str), rows[scores.experiment_column(split)], marker="o",
                          label=f"ELBO {label or ''}".strip())
-            axes[0].plot(rows[x].astype(str), rows[f"{split}.iwae"], marker="s", linestyle="--",
-                         label=f"IWAE (k={int(rows[f'{split}.iwae_k'].iloc[0])}) {label or ''}".strip())
-            axes[1].plot(rows[x].astype(str), rows[f"{split}.kl"], marker="o", label=label)
+            iwae_k = int(rows[scores.experiment_column(split, scores.IWAE_K)].iloc[0])
+            axes[0].plot(rows[x].astype(str), rows[scores.experiment_column(split, scores.IWAE)], marker="s",
+                         linestyle="--", label=f"IWAE (k={iwae_k}) {label or ''}".strip())
+            axes[1].plot(rows[x].astype(str), rows[scores.experiment_column(split, scores.KL)], marker="o",
+                         label=label)
         axes[0].set_title(f"{split.capitalize()} bounds on log p(x) (higher is better)")
         axes[1].set_title(f"{split.capitalize()} KL(q(z|x) || p(z))")
         for ax in axes:

@@ -12,10 +12,11 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
 from PIL import Image, ImageDraw
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import TUTORIAL_ELBO, Params, VisualizeParams
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import UserInputError
-from cvae_pipeline.evaluation.train_outputs import Upstream, scored_split
+from cvae_pipeline.evaluation.train_outputs import UpstreamOutputs
 from cvae_pipeline.fileio import DAMAGED_FILE_ERRORS, atomic_path
 from cvae_pipeline.model.loading import decode_probabilities, load_trained, posterior
 from cvae_pipeline.model.network import CVAE
@@ -121,13 +122,14 @@ def latent_scatter(model: CVAE, images: np.ndarray, labels: np.ndarray, path: Pa
 def training_curves(history: pd.DataFrame, path: Path) -> None:
     figure = Figure(figsize=(15, 4.2))
     axes = figure.subplots(1, 3)
-    axes[0].plot(history["epoch"], history["train_loss"], label="training loss (negative ELBO)")
-    split = scored_split(history)
-    axes[0].plot(history["epoch"], -history[f"{split}_elbo"], label=f"{split} negative ELBO")
+    axes[0].plot(history["epoch"], history[scores.TRAIN_LOSS], label="training loss (negative ELBO)")
+    split = scores.scored_split(history)
+    elbo, reconstruction, kl = scores.epoch_columns(split)
+    axes[0].plot(history["epoch"], -history[elbo], label=f"{split} negative ELBO")
     axes[0].set_title("Negative ELBO (lower is better)")
-    axes[1].plot(history["epoch"], history[f"{split}_reconstruction"], color="tab:green")
+    axes[1].plot(history["epoch"], history[reconstruction], color="tab:green")
     axes[1].set_title(f"{split.capitalize()} reconstruction, -log p(x|z)")
-    axes[2].plot(history["epoch"], history[f"{split}_kl"], color="tab:red")
+    axes[2].plot(history["epoch"], history[kl], color="tab:red")
     axes[2].set_title(f"{split.capitalize()} KL(q(z|x) || p(z))")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -136,7 +138,7 @@ def training_curves(history: pd.DataFrame, path: Path) -> None:
     axes[0].axhline(-TUTORIAL_ELBO, color="gray", linestyle=":",
                     label=f"the tutorial's test {TUTORIAL_ELBO} (100 epochs)")
     if len(history) > 2:  # the first epoch's loss dwarfs the rest: show the curves from the second on
-        later = pd.concat([history["train_loss"], -history[f"{split}_elbo"]])[history["epoch"].gt(1).tolist() * 2]
+        later = pd.concat([history[scores.TRAIN_LOSS], -history[elbo]])[history["epoch"].gt(1).tolist() * 2]
         axes[0].set_ylim(min(later.min(), -TUTORIAL_ELBO) - 1, later.max() + 1)
     axes[0].legend(loc="center right")
     if "learning_rate" in history:  # the step size beside the curve it shapes
@@ -185,7 +187,7 @@ def load_progress(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return grids, epochs
 
 
-def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path: Path, upstream: Upstream,
+def draw_all(params: Params, data: PreparedData, model_path: Path, progress_path: Path, upstream: UpstreamOutputs,
              folder: Path) -> list[Path]:
     """The visualize stage: every figure into `folder`, and into this execution's MLflow run as artifacts."""
     model = load_trained(model_path, params.model)

@@ -22,9 +22,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import EvaluateParams, Params
 from cvae_pipeline.data import PreparedData
-from cvae_pipeline.evaluation.train_outputs import Upstream
+from cvae_pipeline.evaluation.train_outputs import UpstreamOutputs
 from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.model.loading import BATCH, as_inputs, load_trained
 from cvae_pipeline.model.losses import analytic_kl, log_normal_pdf, reconstruction_nll
@@ -95,13 +96,13 @@ class Evaluator:
         log.info("IWAE with k=%d over %d images: %.1f s", k, len(images), time.perf_counter() - started)
         nll, kl_mean = float(np.mean(np.concatenate(reconstruction))), float(np.mean(np.concatenate(kl)))
         return {
-            "elbo": -(nll + kl_mean),
-            "reconstruction_nll": nll,
-            "kl": kl_mean,
-            "iwae": float(np.mean(np.concatenate(iwae))),
-            "iwae_k": k,
-            "samples": samples,
-            "images": len(images),
+            scores.ELBO: -(nll + kl_mean),
+            scores.RECONSTRUCTION_NLL: nll,
+            scores.KL: kl_mean,
+            scores.IWAE: float(np.mean(np.concatenate(iwae))),
+            scores.IWAE_K: k,
+            scores.SAMPLES: samples,
+            scores.IMAGES: len(images),
             **mean_reconstruction_metrics(self.model, images, np.concatenate(means)),
         }
 
@@ -116,9 +117,9 @@ def mean_reconstruction_metrics(model: CVAE, images: np.ndarray, means: np.ndarr
         cross_entropy += float(tf.reduce_sum(reconstruction_nll(targets, logits)))
     pixels = images.size
     return {
-        "pixel_accuracy": correct / pixels,
-        "bce_per_pixel": cross_entropy / pixels,
-        "active_units": active_units(means),
+        scores.PIXEL_ACCURACY: correct / pixels,
+        scores.BCE_PER_PIXEL: cross_entropy / pixels,
+        scores.ACTIVE_UNITS: active_units(means),
     }
 
 
@@ -130,16 +131,17 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
 def evaluate_splits(model: CVAE, data: PreparedData, cfg: EvaluateParams, seed: int) -> dict[str, dict[str, float]]:
     """Every metric on the test set and on the validation set (when there is one), `{split: {metric: value}}`; each
     split scored with the same seeded draws, whatever the other."""
-    splits = {"test": data.test, **({"validation": data.validation} if data.validation is not None else {})}
+    splits = {scores.TEST: data.test, **({scores.VALIDATION: data.validation} if data.validation is not None else {})}
     metrics = {}
     for split, part in splits.items():
         metrics[split] = found = Evaluator(model, cfg, seed).evaluate(part.images)
-        log.info("%s ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", split, found["elbo"],
-                 found["iwae_k"], found["iwae"], found["kl"], found["active_units"], model.latent_dim)
+        log.info("%s ELBO %.2f, IWAE (k=%d) %.2f, KL %.2f, active units %d of %d", split, found[scores.ELBO],
+                 found[scores.IWAE_K], found[scores.IWAE], found[scores.KL], found[scores.ACTIVE_UNITS],
+                 model.latent_dim)
     return metrics
 
 
-def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, upstream: Upstream,
+def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, upstream: UpstreamOutputs,
                        metrics_path: Path) -> dict[str, dict[str, float]]:
     """The evaluate stage: score the trained model on the test and validation sets, write the metrics file, log them
     to this execution's MLflow run (`runs.stage_run`: the training's run, or a follow-up run of its own) and to the
@@ -149,11 +151,10 @@ def evaluate_and_track(params: Params, data: PreparedData, model_path: Path, ups
     with runs.stage_run(session, params, "evaluate", upstream) as run:
         metrics = evaluate_splits(model, data, params.evaluate, params.seed)
         write_json_atomic(metrics_path, metrics)
-        logged = run and runs.trained_model(session, upstream.run_reference)
+        logged = run and runs.trained_model(session, upstream.run_id)
         model_id = logged.model_id if logged else None
+        datasets = lineage.log_datasets(session, data, params.data, list(metrics), model_id) if run else {}
         for split, found in metrics.items():
-            if data.source is not None:
-                lineage.log_dataset(session, data.source, params.data, split, model_id)
             session.log_metrics(runs.evaluation_metrics({split: found}), model_id=model_id, what=f"{split} scores",
-                                dataset=lineage.dataset_key(data.source, split) if data.source else None)
+                                dataset=datasets.get(split))
     return metrics

@@ -1,4 +1,4 @@
-"""What the earlier stages left for the later ones: their DVC outputs, read and checked once.
+"""What the earlier stages left for the later ones: their DVC outputs, read and checked once, by this one reader.
 
 evaluate and visualize read train's run reference, history and final metrics (and visualize evaluate's metrics) to
 know which MLflow run records them and, for a follow-up run, to copy the whole record into it. A missing or damaged
@@ -13,25 +13,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cvae_pipeline import scores
 from cvae_pipeline.errors import UserInputError
 
-HISTORY_COLUMNS = ("epoch", "train_loss")
-SCORES = ("elbo", "reconstruction", "kl")  # each epoch's, on the validation set, or the test set where there is none
-
-
-def scored_split(history: pd.DataFrame) -> str:
-    """The split each epoch of `history` was scored on: validation, or test (no validation set)."""
-    return "validation" if "validation_elbo" in history else "test"
+HISTORY_COLUMNS = ("epoch", scores.TRAIN_LOSS)
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """Paths of the earlier stages' outputs; `read` parses and checks them (once)."""
+class UpstreamOutputs:
+    """Paths of the earlier stages' outputs; `run_id` and `read` parse and check them (once). What
+    `tracking.runs.stage_run` builds on (`runs.TrainingRecord`)."""
 
     run_reference: Path
     train_history: Path
     train_metrics: Path
     metrics: Path | None = None  # evaluate's, for the stages after it
+
+    @functools.cached_property
+    def run_id(self) -> str | None:
+        """The MLflow run that train recorded (None: it ran without MLflow)."""
+        reference = _json(self.run_reference, "train", "MLflow run reference")
+        run_id = reference.get("run_id", ...) if isinstance(reference, dict) else ...
+        if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
+            raise _damaged(self.run_reference, "train", "MLflow run reference",
+                           "no run_id" if run_id is ... else f"run_id {run_id!r} is not a run id")
+        return run_id
 
     def read(self) -> tuple[pd.DataFrame, dict, dict | None]:
         """Train's history and final metrics, and evaluate's metrics (None when not asked for)."""
@@ -40,7 +46,9 @@ class Upstream:
     @functools.cached_property
     def _contents(self) -> tuple[pd.DataFrame, dict, dict | None]:
         history = _history(self.train_history)
-        final = _metrics(self.train_metrics, "train")
+        final = _json(self.train_metrics, "train", "metrics")
+        if not _numbers(final):
+            raise _damaged(self.train_metrics, "train", "metrics", "not a mapping of metric names to numbers")
         if final.get("epochs") != len(history):
             raise UserInputError(f"{self.train_metrics}: damaged or out of step with {self.train_history} "
                                  f"(epochs {final.get('epochs')!r}, history {len(history)}); run `dvc repro train`")
@@ -48,31 +56,37 @@ class Upstream:
         return history, final, metrics
 
 
-def _damaged(path: Path, stage: str, why: str) -> UserInputError:
-    return UserInputError(f"{path}: damaged ({why}); run `dvc repro {stage}` to write it again")
+def _damaged(path: Path, stage: str, what: str, why: str) -> UserInputError:
+    return UserInputError(f"{path}: damaged {what} ({why}); run `dvc repro {stage}` to write it again")
 
 
-def _read(path: Path, stage: str, reader):
+def _read(path: Path, stage: str, what: str, reader):
+    """`reader(path)`; a missing file, or one the reader cannot parse, is one line that says which `dvc repro`
+    writes it."""
     try:
         return reader(path)
     except FileNotFoundError:
-        raise UserInputError(f"{path}: missing; run `dvc repro {stage}` first") from None
+        raise UserInputError(f"{path}: no {what}; run `dvc repro {stage}` first") from None
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as error:
-        raise _damaged(path, stage, f"{type(error).__name__}: {error}") from None
+        raise _damaged(path, stage, what, f"{type(error).__name__}: {error}") from None
+
+
+def _json(path: Path, stage: str, what: str):
+    return _read(path, stage, what, lambda found: json.loads(found.read_text(encoding="utf-8")))
 
 
 def _history(path: Path) -> pd.DataFrame:
     """One row per epoch, 1..n, every value a finite number."""
-    history = _read(path, "train", pd.read_csv)
-    expected = [*HISTORY_COLUMNS, *(f"{scored_split(history)}_{score}" for score in SCORES)]
+    history = _read(path, "train", "training history", pd.read_csv)
+    expected = [*HISTORY_COLUMNS, *scores.epoch_columns(scores.scored_split(history))]
     missing = [column for column in expected if column not in history]
     if missing:
-        raise _damaged(path, "train", f"no column {missing[0]}")
+        raise _damaged(path, "train", "training history", f"no column {missing[0]}")
     numbers = history.apply(pd.to_numeric, errors="coerce")
     if history.empty or not np.isfinite(numbers.to_numpy(dtype=float)).all():
-        raise _damaged(path, "train", "an empty or non-numeric value")
+        raise _damaged(path, "train", "training history", "an empty or non-numeric value")
     if numbers["epoch"].tolist() != list(range(1, len(history) + 1)):
-        raise _damaged(path, "train", "epochs are not 1, 2, ...")
+        raise _damaged(path, "train", "training history", "epochs are not 1, 2, ...")
     return numbers
 
 
@@ -83,20 +97,12 @@ def _numbers(payload) -> bool:
         for value in payload.values())
 
 
-def _metrics(path: Path, stage: str) -> dict:
-    """A JSON mapping of names to finite numbers."""
-    payload = _read(path, stage, lambda p: json.loads(Path(p).read_text(encoding="utf-8")))
-    if not _numbers(payload):
-        raise _damaged(path, stage, "not a mapping of metric names to numbers")
-    return payload
-
-
 def _split_metrics(path: Path) -> dict:
     """evaluate's: the test set's metrics, and the validation set's where there is one, each a mapping of names to
     finite numbers."""
-    payload = _read(path, "evaluate", lambda p: json.loads(Path(p).read_text(encoding="utf-8")))
-    if not (isinstance(payload, dict) and "test" in payload and set(payload) <= {"test", "validation"}
+    payload = _json(path, "evaluate", "metrics")
+    if not (isinstance(payload, dict) and scores.TEST in payload and set(payload) <= {scores.TEST, scores.VALIDATION}
             and all(_numbers(found) for found in payload.values())):
-        raise _damaged(path, "evaluate", "not the test and validation sets' metrics, each a mapping of names to "
-                                         "numbers")
+        raise _damaged(path, "evaluate", "metrics", "not the test and validation sets' metrics, each a mapping of "
+                                                    "names to numbers")
     return payload

@@ -10,11 +10,12 @@ follow-up run, its training's: tag `training_model_uri`). The best by validation
 
 from dataclasses import dataclass
 
+from cvae_pipeline import scores
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.tracking.session import Session
 
 ALIAS = "champion"
-SCORE = "eval_validation_elbo"
+SCORE = scores.evaluated(scores.VALIDATION, scores.ELBO)
 MODELS = "models:/"
 
 

@@ -11,8 +11,8 @@ stages are. Every run is tagged with the execution that opened it (`execution`).
   every param as used, the training's per-epoch and final metrics and evaluate's metrics (from the DVC outputs), and
   tags that link it to the training run (`training_run_id`) and its model. A later execution never changes a run.
 
-It also names runs (after the DVC experiment, else `<stage>-<commit>-<time>`), tags them with their source, and reads
-and writes the run reference that train leaves for the later stages.
+It also names runs (after the DVC experiment, else `<stage>-<commit>-<time>`), tags them with their source, and writes
+the run reference that train leaves for the later stages (`evaluation.train_outputs` reads it).
 """
 
 import contextlib
@@ -29,8 +29,8 @@ from typing import Protocol
 
 import pandas as pd
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import Params
-from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_json_atomic
 from cvae_pipeline.tracking.session import Session
 from cvae_pipeline.tracking.store import HOST
@@ -44,11 +44,12 @@ TRAINING_RUN_TAG = "training_run_id"
 EXECUTION_TAG = "execution"
 
 
-class Upstream(Protocol):
-    """What evaluate and visualize build on (`evaluation.train_outputs.Upstream`): train's run reference, and its
-    history, final metrics and evaluate's metrics, read and checked."""
+class TrainingRecord(Protocol):
+    """What evaluate and visualize build on (`evaluation.train_outputs.UpstreamOutputs`): train's run reference (the
+    file, and the run id it holds), its history and final metrics, and evaluate's metrics, read and checked."""
 
     run_reference: Path
+    run_id: str | None  # None: the training ran without MLflow
 
     def read(self) -> tuple[pd.DataFrame, dict, dict | None]: ...
 
@@ -100,21 +101,6 @@ def write_run_reference(path: str | Path, run) -> None:
     """The run's ids; nulls when the stage ran without MLflow."""
     write_json_atomic(path, {"run_id": run.info.run_id if run else None,
                              "experiment_id": run.info.experiment_id if run else None})
-
-
-def read_run_id(path: str | Path) -> str | None:
-    """The run id that train recorded (None: it ran without MLflow); a missing or damaged file is one clear error."""
-    try:
-        run_id = json.loads(Path(path).read_text(encoding="utf-8"))["run_id"]
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: no MLflow run reference; run `dvc repro train` first") from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{path}: damaged MLflow run reference ({type(error).__name__}: {error}); "
-                             "run `dvc repro train` to write it again") from None
-    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum()):
-        raise UserInputError(f"{path}: damaged MLflow run reference (run_id {run_id!r} is not a run id); "
-                             "run `dvc repro train` to write it again")
-    return run_id
 
 
 def params_digest(params: Params) -> str:
@@ -169,18 +155,17 @@ def training_run(session: Session, params: Params, resumed_run_id: str | None,
         yield run
 
 
-def trained_model(session: Session, run_reference: Path):
-    """The model logged by the training that `run_reference` names (`.model_id`, `.model_uri`), or None: trained
-    without MLflow, or the store does not know the run."""
-    run_id = read_run_id(run_reference)
+def trained_model(session: Session, run_id: str | None):
+    """The model logged by the training run `run_id` (`.model_id`, `.model_uri`), or None: trained without MLflow
+    (no run id), or the store does not know the run."""
     return session.training_model(run_id) if run_id and session.get_run(run_id) else None
 
 
 @contextlib.contextmanager
-def stage_run(session: Session, params: Params, stage: str, upstream: Upstream) -> Iterator:
+def stage_run(session: Session, params: Params, stage: str, upstream: TrainingRecord) -> Iterator:
     """The run that records `stage` of this execution: the training's run, or a follow-up run (module docstring).
     Yields None, logging nothing, when training ran without MLflow or the store is offline."""
-    run_id = read_run_id(upstream.run_reference)
+    run_id = upstream.run_id
     history, final, metrics = upstream.read()  # before any work: a damaged file stops the stage here
     if run_id is None:
         session.disable(f"{upstream.run_reference}: training ran without MLflow; these results stay in the DVC files")
@@ -221,7 +206,7 @@ def _plan(session: Session, params: Params, stage: str, run_id: str,
 def evaluation_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """evaluate's metrics (`{split: {metric: value}}`, as in its DVC output) as MLflow names them: `eval_test_elbo`,
     `eval_validation_elbo`, ..."""
-    return {f"eval_{split}_{key}": value for split, found in metrics.items() for key, value in found.items()}
+    return {scores.evaluated(split, key): value for split, found in metrics.items() for key, value in found.items()}
 
 
 def _record_upstream(session: Session, params: Params, training, history: pd.DataFrame, final: dict,
@@ -230,7 +215,7 @@ def _record_upstream(session: Session, params: Params, training, history: pd.Dat
     metrics, evaluate's metrics (when it ran in an earlier execution), and a link to the training's logged model."""
     session.log_params(params)
     session.log_missing_epochs(history.to_dict("records"))
-    session.log_metrics({f"final_{key}": value for key, value in final.items()})
+    session.log_metrics({scores.final(key): value for key, value in final.items()})
     if metrics is not None:
         session.log_metrics(evaluation_metrics(metrics),
                             tags={"eval_metrics_from": "the DVC outputs of an earlier execution's evaluate"})

@@ -288,9 +288,9 @@ class Session:
 
         self._write(folder, log)
 
-    def log_input(self, dataset, tags: dict[str, str], model_id: str | None = None) -> None:
-        """`dataset` (an `mlflow.entities.Dataset`) as an input of the run, with `tags`, and of the logged model
-        `model_id` when given."""
+    def log_inputs(self, inputs: list[tuple[Any, dict[str, str]]], model_id: str | None = None) -> None:
+        """Each (dataset, tags) of `inputs` (an `mlflow.entities.Dataset` and its tags) as an input of the run, in one
+        write, and of the logged model `model_id` when given."""
         def log(client, run_id) -> None:
             from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
 
@@ -298,10 +298,11 @@ class Session:
             # store (UNIQUE constraint failed: datasets...), so the same lock as the store's first use serializes it.
             with store_lock(self.uri):
                 client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(key, value)
-                                                                           for key, value in tags.items()])],
+                                                                           for key, value in tags.items()])
+                                                    for dataset, tags in inputs],
                                   models=[LoggedModelInput(model_id)] if model_id else None)
 
-        self._write(f"dataset {dataset.name}", log)
+        self._write(f"datasets {', '.join(dataset.name for dataset, _ in inputs)}", log)
 
     def log_model_once(self, log_model: Callable[[Any, str], None]) -> None:
         """Call `log_model(client, run_id)` to log the run's model, unless the run holds one already (a training

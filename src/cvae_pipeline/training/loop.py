@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cvae_pipeline import code_dependencies
+from cvae_pipeline import code_dependencies, scores
 from cvae_pipeline.config import Params
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.errors import TrainingError
@@ -156,7 +156,7 @@ class Trainer:
             total += math.fsum(losses.tolist())
             bar.update(done, [("loss", total / done)])
         seconds = time.perf_counter() - started
-        return {"train_loss": total / steps_per_epoch, "epoch_seconds": seconds,
+        return {scores.TRAIN_LOSS: total / steps_per_epoch, "epoch_seconds": seconds,
                 "images_per_second": len(self.training_set.images) / seconds}
 
     def fit(self, progress: Progress, checkpoint: Checkpoint,
@@ -174,15 +174,15 @@ class Trainer:
                 metrics["learning_rate"] = optimization.current_learning_rate(self.optimizer)
                 metrics["elapsed_seconds"] = earlier + time.perf_counter() - self.started
                 split = self.scorer.split
+                elbo, reconstruction, kl = (metrics[name] for name in scores.epoch_columns(split))
                 # Weights that blew up in the epoch's last steps score NaN before any step's loss does.
-                if not math.isfinite(metrics[f"{split}_elbo"]):
-                    raise TrainingError(f"training diverged: the {split} ELBO is {metrics[f'{split}_elbo']} after "
-                                        f"epoch {epoch}; try a lower train.learning_rate (now "
-                                        f"{self.params.train.learning_rate:g})")
+                if not math.isfinite(elbo):
+                    raise TrainingError(f"training diverged: the {split} ELBO is {elbo} after epoch {epoch}; try a "
+                                        f"lower train.learning_rate (now {self.params.train.learning_rate:g})")
                 log.info("epoch %d/%d: loss %.2f, %s ELBO %.2f (reconstruction %.2f, KL %.2f), %.1f s "
-                         "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics["train_loss"], split,
-                         metrics[f"{split}_elbo"], metrics[f"{split}_reconstruction"], metrics[f"{split}_kl"],
-                         metrics["epoch_seconds"], metrics["eval_seconds"], metrics["images_per_second"])
+                         "(scoring %.1f s), %.0f images/s", epoch, epochs, metrics[scores.TRAIN_LOSS], split, elbo,
+                         reconstruction, kl, metrics["epoch_seconds"], metrics["eval_seconds"],
+                         metrics["images_per_second"])
                 state.epoch = epoch
                 progress = Progress([*progress.history, {"epoch": epoch, **metrics}],
                                     [*progress.grids, self.scorer.progress_grid()])

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import ModelParams
 from cvae_pipeline.model.losses import elbo_terms
 from cvae_pipeline.model.network import CVAE, build_cvae
@@ -76,8 +77,9 @@ class EpochScorer:
             reconstruction += float(chunk_reconstruction)
             kl += float(chunk_kl)
         n = len(self.images)
-        return {f"{self.split}_elbo": -(reconstruction + kl) / n, f"{self.split}_reconstruction": reconstruction / n,
-                f"{self.split}_kl": kl / n, "eval_seconds": time.perf_counter() - started}
+        elbo, reconstruction_name, kl_name = scores.epoch_columns(self.split)
+        return {elbo: -(reconstruction + kl) / n, reconstruction_name: reconstruction / n, kl_name: kl / n,
+                "eval_seconds": time.perf_counter() - started}
 
     def progress_grid(self) -> np.ndarray:
         """The fixed latent vectors decoded to pixel probabilities, as (16, 28, 28) uint8, by the weights the twin

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from cvae_pipeline import scores
 from cvae_pipeline.config import TUTORIAL_ELBO, Params
 from cvae_pipeline.data import PreparedData
 from cvae_pipeline.fileio import atomic_path, remove_leftover_temporaries, write_json_atomic
@@ -43,16 +44,15 @@ def final_metrics(history: list[dict], split: str) -> dict[str, float]:
     """The last epoch's metrics, the total training time, the median throughput, and the time to quality: the first
     epoch whose ELBO on `split` (the per-epoch scores' split) reached the tutorial's, and the seconds from the stage's
     start to its end (absent when none did)."""
-    last = history[-1]
-    scores = [f"{split}_elbo", f"{split}_reconstruction", f"{split}_kl"]
+    last, columns = history[-1], scores.epoch_columns(split)
     final = {
         "epochs": last["epoch"],
-        **{key: last[key] for key in ("train_loss", *scores)},
+        **{key: last[key] for key in (scores.TRAIN_LOSS, *columns)},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
         "elapsed_seconds": last["elapsed_seconds"],
         "images_per_second": float(np.median([row["images_per_second"] for row in history])),
     }
-    reached = next((row for row in history if row[scores[0]] >= TUTORIAL_ELBO), None)
+    reached = next((row for row in history if row[scores.per_epoch(split)] >= TUTORIAL_ELBO), None)
     if reached is not None:
         final.update(epoch_to_quality=reached["epoch"], seconds_to_quality=reached["elapsed_seconds"])
     return final
@@ -89,7 +89,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     log.info("training on %s with %s precision (%s), XLA %s, %d replica(s); MLflow store %s",
              trainer.machine.describe(), trainer.precision.value, trainer.precision.reason,
              "on" if trainer.jit_compile.value else "off", trainer.strategy.num_replicas_in_sync, session.shown_uri)
-    if trainer.scorer.split == "test":
+    if trainer.scorer.split == scores.TEST:
         log.warning("no validation set (data.validation_size is 0): every epoch is scored on the test set, as the "
                     "tutorial does, so the test numbers of a run chosen by them are optimistic")
     tags = {**runs.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
@@ -98,15 +98,15 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
             state.run_id = run.info.run_id
         # Epochs are logged after their checkpoint; those a kill (or MLflow's absence) left unlogged are logged now.
         session.log_missing_epochs(progress.history)
-        if data.source is not None:  # what it trained on, and what chose its epochs: every one a training scores
-            lineage.log_dataset(session, data.source, params.data, "train")
-            lineage.log_dataset(session, data.source, params.data, trainer.scorer.split)
+        # What it trained on, and what chose its epochs: the split every epoch is scored on.
+        lineage.log_datasets(session, data, params.data, [scores.TRAIN, trainer.scorer.split])
         progress = trainer.fit(progress, checkpoint,
                                lambda epoch, metrics: session.log_missing_epochs([{"epoch": epoch, **metrics}]))
         final = final_metrics(progress.history, trainer.scorer.split)
         write_outputs(trainer, progress, final, outputs)
         runs.write_run_reference(outputs.run, run)
-        session.log_metrics({f"final_{key}": value for key, value in final.items()}, once=True, what="final metrics")
+        session.log_metrics({scores.final(key): value for key, value in final.items()}, once=True,
+                            what="final metrics")
         example = trainer.scorer.images[:2].astype(np.float32)
         session.log_model_once(lambda client, run_id: log_model(client, run_id, outputs.model, example))
     # Only now is there nothing left to resume: a later run of this stage, for whatever reason, trains afresh.
