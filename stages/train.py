@@ -14,7 +14,7 @@ from cvae_pipeline.cli import run_stage, stage_arguments
 from cvae_pipeline.config import load_params
 from cvae_pipeline.data import load_prepared
 
-OUTPUTS = ["model", "history", "metrics", "progress", "run", "checkpoint"]
+OUTPUTS = ["model", "history", "metrics", "progress", "run", "checkpoint", "settings"]
 
 
 def main() -> None:

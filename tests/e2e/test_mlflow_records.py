@@ -187,7 +187,8 @@ def test_kills_between_checkpointing_and_logging_leave_one_point_per_epoch_and_o
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = params_with(model={"latent_dim": 2}, train={**TINY["train"], "epochs": 3, "batch_size": 64})
-    outputs = TrainOutputs(*(tmp_path / name for name in ("m.keras", "h.csv", "t.json", "p.npz", "r.json", "c.npz")))
+    outputs = TrainOutputs(*(tmp_path / name for name in ("m.keras", "h.csv", "t.json", "p.npz", "r.json", "c.npz",
+                                                         "s.json")))
 
     def kill(owner, name, before: bool, when) -> None:
         original = getattr(owner, name)

@@ -55,6 +55,8 @@ def test_dvc_repro_runs_every_stage_into_one_mlflow_run_then_does_nothing(repo_c
     assert found["tags.precision"] == hardware.choose_precision("auto", machine).value
     assert found["tags.precision_reason"].startswith("auto: ") and found["tags.device"] == machine.describe()
     assert found["tags.jit_compile"] == str(machine.on_gpu).lower()
+    settings = json.loads((repo_copy / "reports/train_settings.json").read_text())  # what the README states
+    assert {key: found[f"tags.{key}"] for key in settings} == settings
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(found["run_id"], "figures")}
     assert artifacts == {f"figures/{name}" for name in expected}
 

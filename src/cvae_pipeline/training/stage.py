@@ -38,6 +38,7 @@ class TrainOutputs:
     progress: Path
     run: Path
     checkpoint: Path
+    settings: Path  # what this machine made of the params: device, precision, XLA, replicas; TensorFlow's version
 
 
 def final_metrics(history: list[dict], split: str) -> dict[str, float]:
@@ -58,7 +59,8 @@ def final_metrics(history: list[dict], split: str) -> dict[str, float]:
     return final
 
 
-def write_outputs(trainer: Trainer, progress: Progress, final: dict[str, float], outputs: TrainOutputs) -> None:
+def write_outputs(trainer: Trainer, progress: Progress, final: dict[str, float], settings: dict[str, str],
+                  outputs: TrainOutputs) -> None:
     with atomic_path(outputs.model) as temporary:
         trainer.model.save(temporary)
     with atomic_path(outputs.history) as temporary:
@@ -66,6 +68,7 @@ def write_outputs(trainer: Trainer, progress: Progress, final: dict[str, float],
     with atomic_path(outputs.progress) as temporary, open(temporary, "wb") as handle:
         np.savez_compressed(handle, grids=np.stack(progress.grids), epochs=np.arange(len(progress.grids)))
     write_json_atomic(outputs.metrics, final)
+    write_json_atomic(outputs.settings, settings)
 
 
 def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
@@ -92,7 +95,8 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
     if trainer.scorer.split == scores.TEST:
         log.warning("no validation set (data.validation_size is 0): every epoch is scored on the test set, as the "
                     "tutorial does, so the test numbers of a run chosen by them are optimistic")
-    tags = {**runs.source_tags(params), **trainer.settings(), "tensorflow_version": tf.__version__}
+    settings = {**trainer.settings(), "tensorflow_version": tf.__version__}
+    tags = {**runs.source_tags(params), **settings}
     with runs.training_run(session, params, state.run_id, tags) as run:
         if run is not None:
             state.run_id = run.info.run_id
@@ -103,7 +107,7 @@ def train_and_track(params: Params, data: PreparedData, outputs: TrainOutputs,
         progress = trainer.fit(progress, checkpoint,
                                lambda epoch, metrics: session.log_missing_epochs([{"epoch": epoch, **metrics}]))
         final = final_metrics(progress.history, trainer.scorer.split)
-        write_outputs(trainer, progress, final, outputs)
+        write_outputs(trainer, progress, final, settings, outputs)
         runs.write_run_reference(outputs.run, run)
         session.log_metrics({scores.final(key): value for key, value in final.items()}, once=True,
                             what="final metrics")
