@@ -14,7 +14,7 @@ from cvae_pipeline.config import DEFAULT_PARAMS_FILE
 from cvae_pipeline.errors import UserInputError
 
 # Keras imports scikit-learn, when it is installed, for wrappers that no stage or command uses; it is installed only
-# because MLflow depends on it. Importing it costs each stage process about a second of CPU (docs/performance.md).
+# because MLflow depends on it. Importing it costs each stage process CPU time for nothing (docs/performance.md).
 UNUSED_MODULES = ("sklearn",)
 
 

@@ -28,10 +28,11 @@ class AveragingAdam(keras.optimizers.Adam):
     """Adam keeping Keras' moving average of the weights (`use_ema`), whose momentum warms up as TensorFlow's
     `ExponentialMovingAverage(num_updates=...)` does: min(ema_momentum, (1 + t) / (10 + t)) at step t.
     Keras' own average weighs the initial weights by ema_momentum ** t, which at 0.995 still leaves them a share of the
-    average after 600 steps: a quick run of an epoch or two would be scored and saved mostly untrained.
+    average after an epoch's hundreds of steps: a quick run of an epoch or two would be scored and saved mostly
+    untrained.
 
     Each variable's step is TensorFlow's fused Adam kernel, the same update as Keras' to float rounding: Keras
-    composes it of a dozen small operations per variable, which take twice as long on the CPU (docs/performance.md)."""
+    composes it of a dozen small operations per variable, which take longer on the CPU (docs/performance.md)."""
 
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad:  # a third moment the kernel does not keep

@@ -7,12 +7,13 @@ compute capability). `auto` then means what the hardware does natively, never wh
   (Volta, Turing: tensor cores without bfloat16); float32 below. On CPUs, float32 unless the CPU has AVX512-BF16 or
   AMX and bfloat16 *measures* faster there: the flag alone does not tell (an AMD EPYC with AVX512-BF16 trains faster
   in bfloat16, an Intel Xeon with AVX512-BF16 but no AMX slower; docs/performance.md), so the model's
-  convolutions are timed in both precisions once per machine (about a second; the result is cached, so that a
+  convolutions are timed in both precisions once per machine (the result is cached, so that a
   machine always makes the same choice and a seed the same model). On an AVX2-only CPU bfloat16 is emulated and
   trains several times slower than float32; only x86 flags are read, so other CPUs train
   in float32. `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 (say AVX2) keeps TensorFlow's CPU kernels off bfloat16
   instructions, so `auto` then takes float32 too.
-- XLA (`jit_compile`): on GPUs, where it fuses the loss's many small element-wise ops; not on CPUs, where it ran slower.
+- XLA (`jit_compile`): on GPUs, where it fuses the loss's many small element-wise ops; not on CPUs, where it trained
+  slower (docs/performance.md).
 """
 
 import hashlib
@@ -42,7 +43,7 @@ BFLOAT16_ISA_LEVELS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX"
                        "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
                        "DEFAULT", "ALL")
 SHOWN_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides speed here
-PROBE_SECONDS = 0.15  # per precision and round: with tracing, the probe takes about a second in all
+PROBE_SECONDS = 0.15  # per precision and round
 PROBE_ROUNDS = 3  # alternating, each precision's best round counts: other work on the machine slows both alike
 CACHE_ENV = "CVAE_CACHE_DIR"  # where measured speed-ups are kept (default: $XDG_CACHE_HOME/cvae-pipeline)
 
@@ -257,7 +258,7 @@ def choose_jit(requested: bool | str, machine: Machine) -> Choice:
 
 def image_dtype(machine: Machine) -> tf.DType:
     """The dtype the training images are kept in on the device: TensorFlow has no GPU gather kernel for uint8 (the
-    gather would run on the host every step), so on GPUs float32 (190 MB); on CPUs uint8 (47 MB)."""
+    gather would run on the host every step), so on GPUs float32 (4 bytes a pixel); on CPUs uint8 (1 byte)."""
     return tf.float32 if machine.on_gpu else tf.uint8
 
 
