@@ -71,10 +71,13 @@ def project(overrides: dict) -> dict:
     """The training loop's throughput: windows of WINDOW_IMAGES after a warm-up epoch."""
     from cvae_pipeline.data import PreparedData, Split, load_prepared
     from cvae_pipeline.training.loop import Trainer
+    from cvae_pipeline.training.process import set_up
 
+    params = params_with(**overrides)
+    setup = set_up(params)  # process-wide (seeds, precision policy, strategy): first, and once, as in a train stage
     data = load_prepared(PREPARED)
     subset = PreparedData(Split(data.train.images[:WINDOW_IMAGES], data.train.labels[:WINDOW_IMAGES]), data.test)
-    trainer = Trainer(params_with(**overrides), subset)
+    trainer = Trainer(params, subset, setup=setup)
     trainer.train_epoch(1)  # warm-up: tracing, allocation
     rates = [trainer.train_epoch(epoch)["images_per_second"] for epoch in range(2, 2 + WINDOWS)]
     return {"images_per_second": statistics.median(rates), "windows": rates}
