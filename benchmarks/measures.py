@@ -2,7 +2,10 @@
 
 Two kinds of speed: the training loop's throughput (windows of images inside one process, after a warm-up), and
 the wall clock of the whole train stage as a user waits for it (`stage`: the real `stages/train.py`, from scratch,
-with its checkpoints, MLflow logging and scoring), beside the yardstick's whole script (`reference_stage`).
+with its checkpoints, MLflow logging and scoring), beside the yardstick's whole script (`reference_stage`:
+`tutorial_loop.py`, the tutorial's loop). Both train on the prepared file's training split.
+
+The sizes below are module settings so that a test can measure the same code at a tiny size.
 """
 
 import json
@@ -19,11 +22,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "bench" / "reference_cvae.py"
+YARDSTICK = Path(__file__).resolve().parent / "tutorial_loop.py"
 PATHS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]  # dvc.yaml: the paths' one source
 PREPARED = ROOT / PATHS["prepared"]
-WINDOW_IMAGES = 12_000
+WINDOW_IMAGES = 12_000  # training images a throughput window
 WINDOWS = 5
+PEAK_SIDE = 2048  # of the square matrices whose product measures the peak
 
 
 def python(*args: str, timeout: float = 3600, env: dict | None = None) -> str:
@@ -53,7 +57,7 @@ def peak() -> dict:
 
     result = {}
     for dtype in ("float32", "bfloat16"):
-        a = tf.cast(tf.random.normal((2048, 2048), dtype=tf.float32), dtype)
+        a = tf.cast(tf.random.normal((PEAK_SIDE, PEAK_SIDE), dtype=tf.float32), dtype)
         product = tf.function(lambda x: tf.matmul(x, x))
         product(a).numpy()
         rates = []
@@ -62,63 +66,75 @@ def peak() -> dict:
             for _ in range(10):
                 out = product(a)
             out.numpy()
-            rates.append(10 * 2 * 2048**3 / (time.perf_counter() - started) / 1e9)
+            rates.append(10 * 2 * PEAK_SIDE**3 / (time.perf_counter() - started) / 1e9)
         result[dtype] = statistics.median(rates)
     return result
 
 
 def project(overrides: dict) -> dict:
-    """The training loop's throughput: windows of WINDOW_IMAGES after a warm-up epoch."""
+    """The training loop's throughput: windows of the first WINDOW_IMAGES training images after a warm-up epoch."""
     from cvae_pipeline.data import PreparedData, Split, load_prepared
     from cvae_pipeline.training.loop import Trainer
+    from cvae_pipeline.training.process import set_up
 
+    params = params_with(**overrides)
+    setup = set_up(params)  # process-wide (seeds, precision policy, strategy): first, and once, as in a train stage
     data = load_prepared(PREPARED)
     subset = PreparedData(Split(data.train.images[:WINDOW_IMAGES], data.train.labels[:WINDOW_IMAGES]), data.test)
-    trainer = Trainer(params_with(**overrides), subset)
+    trainer = Trainer(params, subset, setup=setup)
     trainer.train_epoch(1)  # warm-up: tracing, allocation
     rates = [trainer.train_epoch(epoch)["images_per_second"] for epoch in range(2, 2 + WINDOWS)]
-    return {"images_per_second": statistics.median(rates), "windows": rates}
+    return {"images_per_second": statistics.median(rates), "windows": rates,
+            "window_images": len(trainer.training_set.images)}
+
+
+def yardstick(*arguments: str) -> dict:
+    """Run the yardstick's whole script on PREPARED; what it wrote (its history, its sets' sizes) and its wall
+    clock from launch to exit."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "yardstick.json"
+        started = time.perf_counter()
+        python(str(YARDSTICK), f"--prepared={PREPARED}", f"--json={out}", *arguments)
+        seconds = time.perf_counter() - started
+        return {**json.loads(out.read_text()), "seconds": seconds}
 
 
 def reference() -> dict:
     """The yardstick's in-epoch throughput over the same windows."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "reference.json"
-        python(str(REFERENCE), "--epochs", str(WINDOWS + 1), "--train-limit", str(WINDOW_IMAGES), "--json", str(out))
-        history = json.loads(out.read_text())["history"]
-    rates = [row["images_per_s"] for row in history[1:]]
-    return {"images_per_second": statistics.median(rates), "windows": rates}
+    run = yardstick(f"--epochs={WINDOWS + 1}", f"--train-limit={WINDOW_IMAGES}")
+    rates = [row["images_per_second"] for row in run["history"][1:]]
+    return {"images_per_second": statistics.median(rates), "windows": rates, "window_images": run["train_images"]}
 
 
 def stage(config: dict) -> dict:
     """The real train stage (`stages/train.py`) in a fresh process, from scratch, with its own MLflow store, on the
-    whole prepared training set: its wall clock from launch to exit, and its history (per-epoch timings)."""
+    prepared file's whole training split: its wall clock from launch to exit, and its history (per-epoch timings)."""
     import pandas as pd
 
+    from cvae_pipeline.data import load_prepared
+
     overrides, epochs = config["train"], config["epochs"]
+    train_images = len(load_prepared(PREPARED).train.images)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         (folder / "params.yaml").write_text(yaml.safe_dump(params_raw(**overrides, epochs=epochs)))
         outputs = {"model": "cvae.keras", "history": "history.csv", "metrics": "metrics.json",
-                   "progress": "progress.npz", "run": "run.json", "checkpoint": "checkpoint.npz"}
+                   "progress": "progress.npz", "run": "run.json", "checkpoint": "checkpoint.npz",
+                   "settings": "settings.json"}
         arguments = [f"--{name}={folder / file}" for name, file in outputs.items()]
         started = time.perf_counter()
         python("stages/train.py", f"--params={folder / 'params.yaml'}", f"--prepared={PREPARED}", *arguments,
                env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
         seconds = time.perf_counter() - started
         history = pd.read_csv(folder / "history.csv").to_dict("records")
-    return {"seconds": seconds, "epochs": epochs, "history": history}
+    return {"seconds": seconds, "epochs": epochs, "history": history, "train_images": train_images}
 
 
 def reference_stage(config: dict) -> dict:
-    """The yardstick's whole script for `epochs` epochs on the whole training set: launch to exit."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "reference.json"
-        started = time.perf_counter()
-        python(str(REFERENCE), "--epochs", str(config["epochs"]), "--json", str(out))
-        seconds = time.perf_counter() - started
-        history = json.loads(out.read_text())["history"]
-    return {"seconds": seconds, "epochs": config["epochs"], "history": history}
+    """The yardstick's whole script for `epochs` epochs on the whole training split: launch to exit."""
+    run = yardstick(f"--epochs={config['epochs']}")
+    return {"seconds": run["seconds"], "epochs": config["epochs"], "history": run["history"],
+            "train_images": run["train_images"], "test_images": run["test_images"]}
 
 
 def iwae(config: dict) -> dict:
@@ -139,6 +155,7 @@ def mlflow() -> dict:
     """Per-epoch metric logging and the one-time logging of a run, into a fresh SQLite store."""
     import numpy as np
 
+    from cvae_pipeline import scores
     from cvae_pipeline.model.network import build_cvae
     from cvae_pipeline.tracking.session import Session
 
@@ -153,10 +170,9 @@ def mlflow() -> dict:
             epoch_costs = []
             for step in range(1, 21):
                 began = time.perf_counter()
-                session.log_metrics({name: float(step) for name in ("train_loss", "epoch_seconds", "eval_seconds",
-                                     "images_per_second", "validation_elbo", "validation_reconstruction",
-                                     "validation_kl",
-                                    "learning_rate", "elapsed_seconds")}, step)
+                names = (scores.TRAIN_LOSS, *scores.epoch_columns(scores.VALIDATION), "epoch_seconds",
+                         "eval_seconds", "images_per_second", "learning_rate", "elapsed_seconds")
+                session.log_metrics({name: float(step) for name in names}, step)
                 epoch_costs.append(time.perf_counter() - began)
             model_file = Path(folder) / "model.keras"
             build_cvae(params.model).save(model_file)

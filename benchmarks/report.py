@@ -28,8 +28,9 @@ def header(results: dict, summary: dict) -> list[str]:
         "# Benchmarks", "",
         f"Measured {m['date']} on **{m['cpu']}** (CPU flags: {flags}), {m['cores']} cores, {gpus}, Python "
         f"{m['python']}, TensorFlow {m['tensorflow']}: every number below comes from this machine, in the "
-        "precision its row names. The yardstick is the tutorial's loop as published (`reference_cvae.py`, float32), "
-        "run alternately with the project in the same session.", "",
+        "precision its row names. The yardstick is the tutorial's training loop (`benchmarks/tutorial_loop.py`, "
+        "float32, written from the tutorial's description), run alternately with the project in the same session, "
+        "on the same training images.", "",
         f"`train.precision: auto` chose **{m['auto_precision']}** here ({m['auto_precision_reason']}).", "",
         f"Matrix-product peak (2048x2048): float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} "
         f"GFLOP/s. One training image costs {summary['flops_per_image'] / 1e6:.1f} MFLOP.", "",
@@ -44,14 +45,16 @@ def throughput(results: dict, summary: dict) -> list[str]:
     if not summary["images_per_second"]:
         return []
     m, peak = results["machine"], results["peak"]
+    windows = next(iter(results["configs"].values()))
     lines = ["## Inside an epoch: the training loop's throughput", "",
-             "Medians of 5 windows of 12,000 training images after a warm-up, each configuration in a fresh process.",
+             f"Medians of {len(windows['windows'])} windows of {windows['window_images']:,} training images after a "
+             "warm-up, each configuration in a fresh process.",
              "", "| configuration | precision | images/s | GFLOP/s | of float32 peak | vs yardstick |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     reference = summary.get("reference_images_per_second")
     if reference:
         gflops = reference * summary["flops_per_image"] / 1e9
-        lines.append(f"| yardstick: reference_cvae.py | float32 | {reference:.0f} | {gflops:.0f} | "
+        lines.append(f"| yardstick: tutorial_loop.py | float32 | {reference:.0f} | {gflops:.0f} | "
                      f"{gflops / peak['float32']:.0%} | 1.00x |")
     for name, rate in summary["images_per_second"].items():
         ratio = f"{rate / reference:.2f}x" if reference else "n/a"
@@ -69,19 +72,22 @@ def stages(results: dict, summary: dict) -> list[str]:
     m = results["machine"]
     short, long = sorted({run["epochs"] for run in next(iter(results["stages"].values()))})
     repetitions = sum(run["epochs"] == short for run in next(iter(results["stages"].values())))
+    images = next(iter(results["stages"].values()))[0].get("train_images")
+    tests = next((run["test_images"] for run in results.get("reference_stages", []) if "test_images" in run), None)
     lines = ["## By the wall clock: the whole train stage", "",
-             f"Per epoch: ({long}-epoch run - {short}-epoch run) / {long - short}, both from scratch on the 60,000 "
-             f"training images, launch to exit, median of {repetitions} repetition(s): the project's "
-             "`stages/train.py` (checkpoint after every epoch, MLflow logging, progress grid, the test set scored in "
-             "float32) against the yardstick's whole script (which scores its 10,000 test images every epoch). "
-             "*Between epochs*: the share of an epoch, from the stage's own history, that is neither training nor "
-             "scoring (median and worst).", "",
-             "| train stage | precision | s an epoch | scoring the test set | between epochs | vs yardstick |",
+             f"Per epoch: ({long}-epoch run - {short}-epoch run) / {long - short}, both from scratch on the same "
+             + (f"{images:,} " if images else "") + "training images (the prepared file's training split), launch "
+             f"to exit, median of {repetitions} repetition(s): the project's `stages/train.py` (checkpoint after "
+             "every epoch, MLflow logging, progress grid, its per-epoch scoring set scored in float32) against the "
+             "yardstick's whole script (which scores its " + (f"{tests:,} " if tests else "") + "test images every "
+             "epoch). *Between epochs*: the share of an epoch, from the stage's own history, that is neither training "
+             "nor scoring (median and worst).", "",
+             "| train stage | precision | s an epoch | scoring | between epochs | vs yardstick |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     reference = summary.get("reference_epoch_seconds")
     if "reference_epoch_seconds" in summary:
         seconds = f"{reference:.1f}" if reference else "n/a (disturbed)"
-        lines.append(f"| yardstick: reference_cvae.py | float32 | {seconds} | (inside) | n/a | 1.00x |")
+        lines.append(f"| yardstick: tutorial_loop.py | float32 | {seconds} | (inside) | n/a | 1.00x |")
     for name, row in summary["stages"].items():
         ratio = f"**{row['ratio']:.2f}x**" if row["ratio"] else "n/a"
         seconds = f"{row['epoch_seconds']:.1f}" if row["epoch_seconds"] else "n/a (disturbed)"

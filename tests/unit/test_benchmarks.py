@@ -71,5 +71,5 @@ def test_a_repetition_disturbed_by_other_work_is_left_out_and_a_wholly_disturbed
     run.summarize_stages({"reference_stages": everywhere, "stages": project}, summary)
     assert summary["reference_epoch_seconds"] is None and summary["stages"]["project"]["ratio"] is None
     text = "\n".join(report.stages({"machine": {"auto_precision": "float32"}, "stages": project}, summary))
-    assert "| yardstick: reference_cvae.py | float32 | n/a (disturbed) |" in text
+    assert "| yardstick: tutorial_loop.py | float32 | n/a (disturbed) |" in text
     assert "Repetitions left out as disturbed" in text and "yardstick 2" in text and "rerun `make bench`" in text
