@@ -152,14 +152,6 @@ def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, 
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_train_deterministic_is_tensorflows_op_determinism(small_data, monkeypatch, deterministic):
-    enabled = []
-    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
-    make_trainer(small_params(deterministic=deterministic), small_data)
-    assert enabled == ([True] if deterministic else [])
-
-
 def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):
     train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
     other = make_trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
