@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from cvae_pipeline.model.loading import load_model_file, reconstruct
 
@@ -40,7 +41,7 @@ class ReconstructionModel(mlflow.pyfunc.PythonModel):
             images = images[..., None]
         if images.shape[1:] != (28, 28, 1):
             raise MlflowException(f"expected images of shape (n, 28, 28, 1) or (n, 28, 28), got {images.shape}",
-                                  error_code="INVALID_PARAMETER_VALUE")
+                                  error_code=INVALID_PARAMETER_VALUE)  # HTTP 400, not 500
         return reconstruct(self.model, images)
 
 

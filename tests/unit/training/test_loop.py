@@ -152,14 +152,6 @@ def test_what_a_gpu_trains_with_learns_and_resumes_exactly_here_too(small_data, 
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_train_deterministic_is_tensorflows_op_determinism(small_data, monkeypatch, deterministic):
-    enabled = []
-    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
-    make_trainer(small_params(deterministic=deterministic), small_data)
-    assert enabled == ([True] if deterministic else [])
-
-
 def test_a_checkpoint_of_another_configuration_is_not_resumed(small_data, tmp_path):
     train_fresh(small_params(epochs=1), small_data, tmp_path / "c.npz")
     other = make_trainer(small_params(epochs=1, learning_rate=2e-3), small_data)
@@ -279,23 +271,8 @@ def test_weights_that_score_non_finite_stop_training_at_that_epoch_before_it_is_
 
 # --- issue 16: the schedule, the background checkpoint ---------------------------------------------
 
-def test_the_cosine_schedule_warms_up_decays_to_its_floor_and_is_logged_per_epoch(small_data, tmp_path):
-    from cvae_pipeline.model.optimization import learning_rate
-
-    cfg = small_params(schedule="cosine", epochs=4, warmup_epochs=1, learning_rate=2e-3,
-                       final_learning_rate=1e-4).train
-    schedule = learning_rate(cfg, steps_per_epoch=10)
-    rates = [float(schedule(step)) for step in range(41)]
-    assert rates[0] == 0 and rates[10] == pytest.approx(2e-3) and rates[40] == pytest.approx(1e-4)
-    assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
-    assert learning_rate(small_params(schedule="constant").train, 10) == FAST["learning_rate"]
-    # A warm-up as long as training (a quick `-S train.epochs=1` of the default) is cut to all epochs but the last.
-    short = learning_rate(small_params(schedule="cosine", epochs=2, warmup_epochs=5, learning_rate=2e-3,
-                                       final_learning_rate=0).train, steps_per_epoch=10)
-    assert float(short(0)) == 0 and float(short(10)) == pytest.approx(2e-3) and float(short(20)) == pytest.approx(0)
-    single = learning_rate(small_params(schedule="cosine", epochs=1, warmup_epochs=1).train, steps_per_epoch=10)
-    assert float(single(0)) == pytest.approx(FAST["learning_rate"]) and float(single(10)) == pytest.approx(0)
-
+def test_the_step_size_is_logged_per_epoch_along_the_cosine_schedule(small_data, tmp_path):
+    # The schedule itself: test_optimization.py.
     _, state = train_fresh(small_params(schedule="cosine", epochs=3, warmup_epochs=1, final_learning_rate=1e-5),
                            small_data, tmp_path / "c.npz")
     logged = [row["learning_rate"] for row in state.history]
@@ -366,24 +343,7 @@ def test_a_failed_background_checkpoint_stops_training(small_data, tmp_path, mon
         train_fresh(small_params(epochs=3), small_data, tmp_path / "c.npz")
 
 
-# --- issue 16: the moving average of the weights -------------------------------------------------
-
-def test_the_average_of_the_weights_warms_up_its_momentum_then_keeps_ema_momentum():
-    from cvae_pipeline.model.optimization import make_optimizer
-
-    weight = keras.Variable(np.zeros(3, np.float32))
-    optimizer = make_optimizer(small_params(ema_momentum=0.8, learning_rate=0.5).train, "float32", 10)
-    optimizer.build([weight])
-    expected = None
-    for step in range(30):
-        optimizer.apply([tf.constant([1.0, -2.0, 0.5])], [weight])
-        # TensorFlow's ExponentialMovingAverage(num_updates=step): the first step's weights start it.
-        momentum = 0.0 if step == 0 else min(0.8, (1 + step) / (10 + step))
-        expected = weight.numpy() if expected is None else momentum * expected + (1 - momentum) * weight.numpy()
-        np.testing.assert_allclose(optimizer._model_variables_moving_average[0].numpy(), expected, rtol=1e-5)
-    assert not np.allclose(expected, weight.numpy())  # an average of the path, not its end
-    assert not make_optimizer(small_params(ema_momentum=0).train, "float32", 10).use_ema
-
+# --- issue 16: the moving average of the weights (the optimizer's own: test_optimization.py) ------
 
 def float32_elbo(trainer, weights) -> float:
     """The test ELBO of `weights` in a float32 model, as the scorer computes it."""
@@ -408,31 +368,3 @@ def test_a_run_with_an_average_scores_and_saves_the_average_not_the_last_weights
         assert abs(float32_elbo(trainer, weights) - scored) > 1e-2
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-
-
-@pytest.mark.parametrize("steps", [1, 5])
-def test_the_fused_adam_step_is_keras_adam(steps):
-    from cvae_pipeline.model.optimization import make_optimizer
-
-    rng = np.random.default_rng(0)
-    start = rng.normal(0, 1, (4, 3)).astype(np.float32)
-    ours, theirs = keras.Variable(start), keras.Variable(start)
-    fused = make_optimizer(small_params(ema_momentum=0, learning_rate=0.1).train, "float32", 10)
-    keras_adam = keras.optimizers.Adam(0.1)
-    for optimizer, weight in ((fused, ours), (keras_adam, theirs)):
-        optimizer.build([weight])
-    for _ in range(steps):  # gradients of changing sign and scale: the moments and their bias corrections show
-        gradient = tf.constant(rng.normal(0, 3, (4, 3)).astype(np.float32))
-        fused.apply([gradient], [ours])
-        keras_adam.apply([gradient], [theirs])
-    # To float32 rounding: Keras computes the moments as m + (g - m) * (1 - beta), the kernel as beta * m + ...
-    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fused._velocities[0].numpy(), keras_adam._velocities[0].numpy(), rtol=1e-4)
-    assert not np.allclose(ours.numpy(), start)
-
-    # The step is TensorFlow's fused kernel: Keras' own composition of small operations would match the above too.
-    def step(gradient):
-        fused.apply([gradient], [ours])
-
-    traced = tf.function(step).get_concrete_function(tf.TensorSpec((4, 3), tf.float32)).graph
-    assert "ResourceApplyAdam" in {operation.type for operation in traced.get_operations()}
