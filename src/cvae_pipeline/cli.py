@@ -16,6 +16,10 @@ from cvae_pipeline.errors import UserInputError
 # Keras imports scikit-learn, when it is installed, for wrappers that no stage or command uses; it is installed only
 # because MLflow depends on it. Importing it costs each stage process CPU time for nothing (docs/performance.md).
 UNUSED_MODULES = ("sklearn",)
+# MLflow logs its own progress at INFO (creating tables, starting its system-metrics monitor) and draws a progress bar
+# for each artifact it copies, between the stage's lines; its warnings still show. MLflow's own variables, which a
+# user's setting overrides (MLFLOW_LOGGING_LEVEL=INFO shows the rest).
+MLFLOW_QUIET = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def stage_arguments(description: str, paths: list[str]) -> argparse.Namespace:
@@ -60,6 +64,8 @@ def end_process(status: int) -> NoReturn:
 def run_stage(name: str, main: Callable[[], None]) -> NoReturn:
     """A stage script's whole run: its main (`stage_status`) without the modules it does not use, then the process ends
     with its status (`end_process`)."""
+    for variable, value in MLFLOW_QUIET.items():
+        os.environ.setdefault(variable, value)  # before MLflow is imported, which reads them
     for module in UNUSED_MODULES:
         sys.modules.setdefault(module, None)  # importing it then fails at once: Python's rule for None there
     end_process(stage_status(name, main))

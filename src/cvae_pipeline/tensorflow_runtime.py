@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"  # TensorFlow's own: set by the user, start-up lines are theirs to see
-QUIET_LEVEL = "2"  # what the runtime logs after start-up: errors only
+QUIET_LEVEL = "1"  # what the runtime logs after start-up: its warnings and errors, not its information
 NVIDIA_DRIVER = Path("/proc/driver/nvidia")
 # The runtime's start-up lines that say nothing a user can act on; a pattern per line, matched anywhere in it.
 STARTUP_CHATTER = (
