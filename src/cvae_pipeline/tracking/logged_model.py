@@ -7,6 +7,7 @@ with it as code, and `predict` answers a batch of images (n, 28, 28, 1), pixel v
 with their mean reconstructions as pixel probabilities of the same shape: the posterior mean decoded, then the sigmoid.
 """
 
+import logging
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,6 +23,17 @@ FORMAT = 1  # what `predict` takes and returns; a model of another format is ref
 FORMAT_KEY = "cvae_pipeline_format"
 PACKAGE = Path(__file__).resolve().parents[1]  # cvae_pipeline/, which travels with the model
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pyyaml", "mlflow")
+# MLflow writes a conda.yaml beside the pinned requirements, and warns when the environment has no pip to pin in it (an
+# environment uv installed has none): the requirements are pinned all the same, so the warning says nothing to act on.
+NO_PIP_WARNING = "Failed to resolve installed pip version"
+
+
+class WithoutNoPipWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NO_PIP_WARNING not in record.getMessage()
+
+
+logging.getLogger("mlflow.utils.environment").addFilter(WithoutNoPipWarning())
 
 
 class ReconstructionModel(mlflow.pyfunc.PythonModel):
