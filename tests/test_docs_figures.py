@@ -35,6 +35,9 @@ CLAIMS = [
                   "over {data[train][images]:,} training images ({data[validation][images]:,} held out for "
                   "validation)"),
     ("README.md", "precision `{params[train][precision]}`, seed {params[seed]}."),
+    ("README.md", "The committed `reports/` come from a 2-core VM, {settings[device]}, where `auto` trains in "
+                  "{settings[precision]}."),
+    ("README.md", "on the 2-core VM of the results below ({settings[precision]}, {settings[device]})"),
     ("README.md", "| metric (`reports/metrics.json`) | test ({test[images]:,} images) | validation "
                   "({validation[images]:,} images) |"),
     ("README.md", "| `elbo` | {test[elbo]:.2f} | {validation[elbo]:.2f} | ELBO: analytic KL, reconstruction averaged "
@@ -54,6 +57,8 @@ CLAIMS = [
     ("README.md", "the training loss of the last epoch, {train[train_loss]:.2f}, is {derived[loss_below_elbo]:.1f} "
                   "nats below that epoch's validation negative ELBO"),
     # docs/recipe.md: the default recipe's committed run.
+    ("docs/recipe.md", "The committed default run (`reports/`; a 2-core VM, {settings[device]}, in "
+                       "{settings[precision]}"),
     ("docs/recipe.md", "the default holds {data[validation][images]:,} training images out for validation"),
     ("docs/recipe.md", "trained on {data[train][images]:,} images: its validation ELBO passes the tutorial's published "
                        "-78.3 after epoch {train[epoch_to_quality]}, {train[seconds_to_quality]:.0f} s from the train "
@@ -87,6 +92,7 @@ def read_reports(folder: Path = REPORTS) -> dict:
     """The committed reports (and params.yaml, whose values they were made with), as the templates' fields."""
     metrics = json.loads((folder / "metrics.json").read_text())
     train = json.loads((folder / "train_metrics.json").read_text())
+    settings = json.loads((folder / "train_settings.json").read_text())  # the device and precision it trained with
     data = json.loads((folder / "data_summary.json").read_text())
     with open(folder / "train_history.csv", newline="") as handle:
         history = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
@@ -106,7 +112,7 @@ def read_reports(folder: Path = REPORTS) -> dict:
     }
     derived["packed_megabytes"] = derived["all_images"] * PACKED_BYTES / 1e6
     return {"test": test, "validation": validation, "train": train, "data": data, "history": history,
-            "params": params, "derived": derived}
+            "params": params, "derived": derived, "settings": settings}
 
 
 def one_line(text: str) -> str:
@@ -169,32 +175,37 @@ def test_the_reports_agree_with_each_other():
 
 def copied_reports(folder: Path) -> Path:
     folder.mkdir()
-    for name in ("metrics.json", "train_metrics.json", "data_summary.json", "train_history.csv"):
+    for name in ("metrics.json", "train_metrics.json", "train_settings.json", "data_summary.json", "train_history.csv"):
         (folder / name).write_bytes((REPORTS / name).read_bytes())
     return folder
 
 
 def test_a_changed_report_names_each_stale_sentence(tmp_path):
-    """A new run that crosses later and scores the test set higher: every sentence that states those figures is
-    named, with what it says and what the reports now give."""
+    """A new run that crosses a later epoch, scores the test set higher and trained on another device: every sentence
+    that states those figures is named, with what it says and what the reports now give."""
+    now = read_reports()
     reports = copied_reports(tmp_path / "reports")
-    train = json.loads((reports / "train_metrics.json").read_text())
-    train.update(epoch_to_quality=14, seconds_to_quality=431.6)
+    epoch, seconds = now["train"]["epoch_to_quality"] + 1, now["train"]["seconds_to_quality"] + 29.4
+    train = {**now["train"], "epoch_to_quality": epoch, "seconds_to_quality": seconds}
     (reports / "train_metrics.json").write_text(json.dumps(train))
     metrics = json.loads((reports / "metrics.json").read_text())
-    metrics["test"]["elbo"] = -75.904
+    metrics["test"]["elbo"] = elbo = now["test"]["elbo"] + 0.3
     (reports / "metrics.json").write_text(json.dumps(metrics))
+    (reports / "train_settings.json").write_text(json.dumps({**now["settings"], "precision": "mixed_float16"}))
 
     problems = stale(read_reports(reports))
-    crossing = [problem for problem in problems if "passes -78.3 after epoch 14, 432 s from" in problem]
+    crossing = [problem for problem in problems if f"passes -78.3 after epoch {epoch}, {seconds:.0f} s from" in problem]
     assert [problem.split(":")[0] for problem in crossing] == ["README.md"]
-    assert "it says:   passes -78.3 after epoch 13, " in crossing[0]
-    assert any(problem.startswith("docs/recipe.md") and "after epoch 14, 432 s from the train stage's start, and "
-               "evaluate gives -75.90 on the test set" in problem for problem in problems)
-    assert any(problem.startswith("docs/performance.md") and "validation ELBO after epoch 14 of" in problem
+    assert f"it says:   passes -78.3 after epoch {epoch - 1}, " in crossing[0]
+    assert any(problem.startswith("docs/recipe.md") and f"after epoch {epoch}, {seconds:.0f} s from the train stage's "
+               f"start, and evaluate gives {elbo:.2f} on the test set" in problem for problem in problems)
+    assert any(problem.startswith("docs/performance.md") and f"validation ELBO after epoch {epoch} of" in problem
                for problem in problems)
-    assert any(problem.startswith("README.md") and "| `elbo` | -75.90 | -76.68 |" in problem for problem in problems)
-    assert any(problem.startswith("README.md") and "Its ELBO, -75.90, is 2.4 nats better" in problem
+    assert any(problem.startswith("README.md") and f"| `elbo` | {elbo:.2f} | {now['validation']['elbo']:.2f} |"
+               in problem for problem in problems)
+    assert any(problem.startswith("README.md") and f"Its ELBO, {elbo:.2f}, is {elbo + 78.3:.1f} nats better" in problem
+               for problem in problems)
+    assert any(problem.startswith("README.md") and "where `auto` trains in mixed_float16." in problem
                for problem in problems)
     gone = {file for file, _ in CLAIMS} - {problem.split(":")[0] for problem in problems}
     assert gone == {"docs/setup.md", "docs/pipeline.md", "docs/serving.md"}  # none of their figures changed
