@@ -21,6 +21,7 @@ import yaml
 
 from cvae_pipeline.data import load_prepared
 from cvae_pipeline.model.loading import load_trained, reconstruct
+from cvae_pipeline.tracking.lineage import images_digest
 from helpers import HIDE_THE_PROJECT, NO_PICKLE, free_port, model_params, predict_in_fresh_process, run, subprocess_env
 from repositories import copy_repository, runs_in
 from team_services import server_process, wait_for_http
@@ -199,10 +200,14 @@ def test_runs_record_the_dataset_dvc_prepared_and_the_model_shows_its_test_metri
     (prepared,) = [out for out in lock["stages"]["prepare"]["outs"] if out["path"] == "data/prepared/mnist.npz"]
     baseline = trained["runs"][trained["runs"]["tags.dvc_experiment"].isna()].iloc[0]
     run_inputs = mlflow.get_run(baseline["run_id"]).inputs.dataset_inputs
+    data = load_prepared(repo / "data/prepared/mnist.npz")
+    digests = {split: images_digest(getattr(data, split).images) for split in ("train", "validation", "test")}
+    assert len(set(digests.values())) == 3  # each split its own dataset in MLflow
     contexts = {}
     for found in run_inputs:
         tags = {tag.key: tag.value for tag in found.tags}
-        assert found.dataset.digest == prepared["md5"]
+        assert found.dataset.digest == digests[found.dataset.name.removeprefix("mnist_binarized/")]
+        assert tags["dvc_md5"] == prepared["md5"]
         assert tags["dvc_path"] == "data/prepared/mnist.npz" and len(tags["git_commit"]) == 40
         assert tags["data.threshold"] == "0.5"
         contexts[tags["mlflow.data.context"]] = found.dataset.name
@@ -216,7 +221,7 @@ def test_runs_record_the_dataset_dvc_prepared_and_the_model_shows_its_test_metri
     assert on_model["eval_test_iwae"].value == pytest.approx(baseline["metrics.eval_test_iwae"])
     for split in ("test", "validation"):
         metric = on_model[f"eval_{split}_elbo"]
-        assert (metric.dataset_name, metric.dataset_digest) == (f"mnist_binarized/{split}", prepared["md5"])
+        assert (metric.dataset_name, metric.dataset_digest) == (f"mnist_binarized/{split}", digests[split])
 
 
 def test_training_records_system_metrics_once_and_evaluate_adds_no_second_monitor(trained):
