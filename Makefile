@@ -1,6 +1,7 @@
 # The project's entry points, for users and CI. `make help` (or plain `make`) lists the targets and the variables each
 # takes; docs/make.md says what each does, the variables' defaults, and why.
-.PHONY: help repro test unit smoke lint ui mlflow-server compare sweep promote sample bench tutorial venv lock
+.PHONY: help repro test unit smoke lint ui mlflow-server compare sweep tune tune-apply tune-dashboard promote sample bench
+.PHONY: tutorial venv lock
 .PHONY: clean-venv
 
 # The list is the `## ` comments of the rules below (a trailing [...] names the variables), so it cannot drift.
@@ -112,6 +113,23 @@ sweep: $(STAMP) ## one experiment per combination of S on J workers; compare [S 
 	dvc exp run --queue $(foreach s,$(S),-S '$(s)')
 	python -m cvae_pipeline.commands.sweep --jobs $(SWEEP_JOBS) --log $(SWEEP_LOG)
 	$(MAKE) --no-print-directory compare
+
+# A search over tune.yaml's space: TRIALS (default: tune.yaml's) on J workers here. With OPTUNA_STORAGE exported (a
+# database URL, its password in PGPASSWORD), the same command on other machines joins the same study (docs/team.md).
+TRIALS ?=
+tune: $(STAMP) ## an Optuna search (tune.yaml) that prunes: reports/tune.md [TRIALS J]
+	dvc repro prepare
+	python -m cvae_pipeline.commands.tune run $(if $(TRIALS),--trials '$(TRIALS)') --jobs '$(J)'
+
+TRIAL ?=
+tune-apply: $(STAMP) ## the study's best trial (or TRIAL) at params.yaml's budget, as a DVC experiment [TRIAL]
+	python -m cvae_pipeline.commands.tune apply $(if $(TRIAL),--trial '$(TRIAL)')
+
+# optuna-dashboard has no authentication: loopback only unless DASHBOARD_HOST says otherwise.
+DASHBOARD_HOST ?= 127.0.0.1
+DASHBOARD_PORT ?= 8080
+tune-dashboard: $(STAMP) ## optuna-dashboard on the study, on http://127.0.0.1:8080 [DASHBOARD_HOST DASHBOARD_PORT]
+	python -m cvae_pipeline.commands.tune dashboard --host '$(DASHBOARD_HOST)' --port '$(DASHBOARD_PORT)'
 
 SWEEP ?=
 promote: $(STAMP) ## the best run's model becomes <model_name>@champion [SWEEP]

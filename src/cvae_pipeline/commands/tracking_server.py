@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import ipaddress
 import os
-import re
 import secrets
 import stat
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 from cvae_pipeline.cli import run_stage
 from cvae_pipeline.errors import UserInputError
 from cvae_pipeline.fileio import write_bytes_atomic
-from cvae_pipeline.tracking.store import shown
+from cvae_pipeline.tracking.store import holds_password, shown
 
 AUTH_MODES = ("auto", "basic", "none")
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
@@ -32,8 +31,6 @@ ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
-# libpq reads a password from a URI's user info or its `password=` option; SQLAlchemy takes the first form too.
-_PASSWORD_IN_URI = re.compile(r"://[^/@]*:[^/@]*@|[?&]password=")
 
 
 class ServerError(UserInputError):
@@ -51,7 +48,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_no_password(option: str, uri: str) -> None:
-    if _PASSWORD_IN_URI.search(uri):
+    if holds_password(uri):
         raise ServerError(f"make mlflow-server: {option} holds a password, which ps and the shell's history would "
                           "show; leave it out of the URI and export PGPASSWORD (or use ~/.pgpass)")
 

@@ -42,6 +42,13 @@ BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 PARAMS_DIGEST_TAG = "params_digest"
 TRAINING_RUN_TAG = "training_run_id"
 EXECUTION_TAG = "execution"
+# Set by `make tune` for each trial's train stage: `{"name": run name, "tags": {...}}` (its study's parent run, the
+# trial's number, the machine).
+TRIAL_ENV = "CVAE_TUNE_TRIAL"
+
+
+def _trial() -> dict:
+    return json.loads(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else {}
 
 
 class TrainingRecord(Protocol):
@@ -63,9 +70,10 @@ def _git(*args: str) -> str:
 
 
 def run_name(stage: str) -> str:
-    """The DVC experiment's name when DVC runs one, else `<stage>-<commit>-<UTC time>`: never MLflow's random name,
-    which is the same for every run of a seeded process (Keras seeds Python's `random`, which MLflow draws from)."""
-    experiment = os.environ.get(EXPERIMENT_NAME_ENV)
+    """The DVC experiment's name when DVC runs one (a search's trial: its name), else `<stage>-<commit>-<UTC time>`:
+    never MLflow's random name, which is the same for every run of a seeded process (Keras seeds Python's `random`,
+    which MLflow draws from)."""
+    experiment = os.environ.get(EXPERIMENT_NAME_ENV) or _trial().get("name")
     if experiment:
         return experiment
     commit = _git("rev-parse", "--short=7", "HEAD") or "nogit"
@@ -78,7 +86,8 @@ def git_commit() -> str:
 
 
 def source_tags(params: Params) -> dict[str, str]:
-    """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep."""
+    """Git commit and dirtiness; for a DVC experiment its name, its baseline commit and its sweep; for a search's
+    trial, its tags."""
     tags = {}
     commit = git_commit()
     if commit:
@@ -94,7 +103,7 @@ def source_tags(params: Params) -> dict[str, str]:
     sweep = params.tracking.sweep or (baseline[:7] if baseline else None)
     if sweep:
         tags["sweep"] = sweep
-    return tags
+    return {**tags, **_trial().get("tags", {})}
 
 
 def write_run_reference(path: str | Path, run) -> None:

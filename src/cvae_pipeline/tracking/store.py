@@ -93,6 +93,15 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# libpq reads a password from a URI's user info or its `password=` option; SQLAlchemy takes the first form too.
+_PASSWORD_IN_URI = re.compile(r"://[^/@]*:[^/@]*@|[?&]password=")
+
+
+def holds_password(uri: str) -> bool:
+    """Whether a database URI holds a password, which `ps`, the shell's history and logs would show."""
+    return bool(_PASSWORD_IN_URI.search(uri))
+
+
 def shown(uri: str) -> str:
     """The URI as logs and messages show it: without a password that its user info may hold."""
     return re.sub(r"//[^/@]*@", "//***@", uri)

@@ -1,0 +1,74 @@
+"""A study in MLflow: one parent run for the study, and under it each trial's run, which its train stage opens.
+
+The parent run's id is kept in the study (`mlflow_run_id`, a user attribute), so every machine that joins the study
+nests its trials under the same parent. A trial's run carries the tags `study`, `study_run_id`, `trial`, `machine` and,
+once it ends, `state` and `reason`; a pruned or stopped trial's run ends KILLED, a failed one's FAILED.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+
+from cvae_pipeline.tracking.session import Session
+from cvae_pipeline.tracking.store import HOST
+
+PARENT_ATTR = "mlflow_run_id"
+STATUS = {"complete": "FINISHED", "pruned": "KILLED", "stopped": "KILLED", "failed": "FAILED"}
+
+
+class StudyRecord:
+    """The study's MLflow runs, through the session of the tracking store that the pipeline's stages use."""
+
+    def __init__(self, session: Session, study: optuna.Study, storage: str):
+        self.session, self.study, self.storage = session, study, storage
+        self.run_id: str | None = None
+
+    @contextlib.contextmanager
+    def parent_run(self, tags: dict[str, str]) -> Iterator[None]:
+        """The study's run, open while this machine works on it (reopened when it exists): FINISHED at the end,
+        KILLED on Ctrl-C, FAILED on an error."""
+        known = self.study.user_attrs.get(PARENT_ATTR)
+        if known and self.session.get_run(known) is None:
+            known = None  # another MLflow store: the study gets a parent run in this one
+        tags = {**tags, "study": self.study.study_name, "optuna_storage": self.storage, "kind": "study"}
+        with self.session.open_run(known, f"study-{self.study.study_name}", tags) as run:
+            self.run_id = run.info.run_id if run is not None else None
+            if self.run_id and self.run_id != known:
+                self.study.set_user_attr(PARENT_ATTR, self.run_id)
+            yield
+
+    def trial_tags(self, number: int) -> dict[str, str]:
+        tags = {"study": self.study.study_name, "trial": str(number), "machine": HOST}
+        if self.run_id:
+            tags.update({"mlflow.parentRunId": self.run_id, "study_run_id": self.run_id})
+        return tags
+
+    def trial_run_id(self, number: int) -> str | None:
+        if not self.run_id:
+            return None
+        found = self.session.search_runs(f"tags.study_run_id = '{self.run_id}' and tags.trial = '{number}'")
+        return found[0].info.run_id if found else None
+
+    def end_trial(self, number: int, state: str, reason: str = "") -> None:
+        """Tag the trial's run with how it ended, and end it so (its stage ended it already, unless it crashed)."""
+        run_id = self.trial_run_id(number)
+        if run_id is None:
+            return
+        tags = {"state": state, **({"reason": reason[:5000]} if reason else {})}
+
+        def end(client) -> None:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            if state != "complete":
+                client.set_terminated(run_id, STATUS[state])
+
+        self.session.call(end)
+
+    def log_progress(self, step: int, metrics: dict[str, float]) -> None:
+        """The study's best so far, after `step` trials, on the parent run."""
+        self.session.log_metrics(metrics, step=step)
+
+    def log_report(self, paths: list[Path]) -> None:
+        self.session.log_artifacts(paths, "tune")
