@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from cvae_pipeline.tracking.session import Session
 from cvae_pipeline.tracking.store import HOST
 
 PARENT_ATTR = "mlflow_run_id"
 STATUS = {"complete": "FINISHED", "pruned": "KILLED", "stopped": "KILLED", "failed": "FAILED"}
+ENDED = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 
 class StudyRecord:
@@ -51,9 +53,9 @@ class StudyRecord:
         found = self.session.search_runs(f"tags.study_run_id = '{self.run_id}' and tags.trial = '{number}'")
         return found[0].info.run_id if found else None
 
-    def end_trial(self, number: int, state: str, reason: str = "") -> None:
+    def end_trial(self, number: int, state: str, reason: str = "", run_id: str | None = None) -> None:
         """Tag the trial's run with how it ended, and end it so (its stage ended it already, unless it crashed)."""
-        run_id = self.trial_run_id(number)
+        run_id = run_id or self.trial_run_id(number)
         if run_id is None:
             return
         tags = {"state": state, **({"reason": reason[:5000]} if reason else {})}
@@ -65,6 +67,21 @@ class StudyRecord:
                 client.set_terminated(run_id, STATUS[state])
 
         self.session.call(end)
+
+    def close_abandoned(self, reason_attr: str) -> list[int]:
+        """End the trial runs left RUNNING whose trial is over in the study: a worker killed with -9 (or a machine that
+        went down) could not end them, and Optuna has since failed the trial. The trials whose runs it ended."""
+        if not self.run_id:
+            return []
+        ended = []
+        for run in self.session.search_runs(f"tags.study_run_id = '{self.run_id}' and attributes.status = 'RUNNING'"):
+            number = int(run.data.tags.get("trial", -1))
+            trial = self.study.trials[number] if 0 <= number < len(self.study.trials) else None
+            if trial is not None and trial.state in ENDED:
+                self.end_trial(number, ENDED[trial.state], trial.user_attrs.get(reason_attr) or "its worker died",
+                               run.info.run_id)
+                ended.append(number)
+        return ended
 
     def log_progress(self, step: int, metrics: dict[str, float]) -> None:
         """The study's best so far, after `step` trials, on the parent run."""

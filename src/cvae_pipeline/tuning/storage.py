@@ -64,9 +64,11 @@ def open_storage(root: Path) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(root / JOURNAL)))
     try:
         # pool_pre_ping: a worker that trained for an hour finds its idle connection closed by the server.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                          heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                          heartbeat_stale_trial_callback=RETRY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                              heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              heartbeat_stale_trial_callback=RETRY)
     except Exception as error:  # SQLAlchemy's and the driver's errors: a wrong host, user, password or database
         what = " ".join(str(error).split())[:300]
         raise ParamsError(f"{STORAGE_ENV}={shown(url)}: cannot open the study's database ({what})") from None
@@ -82,13 +84,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(study: optuna.Study, is_ours=lambda pid: False) -> list[optuna.trial.FrozenTrial]:
+def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Fail the trials left RUNNING on this host by a worker process that is gone (a kill -9, a crash, a reboot), and
-    queue each one's params again; `is_ours(pid)`: a worker of this very process, alive. The failed trials."""
+    queue each one's params again. The failed trials."""
     dead = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get(PID_ATTR)
-        if trial.user_attrs.get(HOST_ATTR) != HOST or not isinstance(pid, int) or is_ours(pid) or _alive(pid):
+        if trial.user_attrs.get(HOST_ATTR) != HOST or not isinstance(pid, int) or _alive(pid):
             continue
         study._storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, f"its worker (pid {pid} on {HOST}) died")
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -24,7 +24,7 @@ from cvae_pipeline.tracking.session import Session
 from cvae_pipeline.tuning.records import StudyRecord
 from cvae_pipeline.tuning.report import best_trials, write_report
 from cvae_pipeline.tuning.space import Search
-from cvae_pipeline.tuning.storage import fail_dead_trials, open_storage, shown_storage
+from cvae_pipeline.tuning.storage import REASON_ATTR, fail_dead_trials, open_storage, shown_storage
 from cvae_pipeline.tuning.trial import Outcome, pipeline_paths
 from cvae_pipeline.tuning.workers import Workers, counted
 
@@ -139,6 +139,7 @@ def run_study(search: Search, base: dict, root: Path, budget: int, jobs: int) ->
     log.info("study %s in %s: %d of %d trials counted so far, %d worker(s) here; each trial's output is in "
              ".tune/trials/%s/", search.study, shown, len(counted(study.trials)), budget, jobs, search.study)
     with record.parent_run({"trials": str(budget)}):
+        record.close_abandoned(REASON_ATTR)
         progress = Progress(study, search, budget, record)
         workers = Workers(search, base, root, storage, prepared, record, budget, jobs, progress.trial_ended,
                           progress.trial_counted)
@@ -146,6 +147,7 @@ def run_study(search: Search, base: dict, root: Path, budget: int, jobs: int) ->
             with progress:
                 workers.run()
         finally:
+            record.close_abandoned(REASON_ATTR)  # another machine's worker that died while this one worked
             files = write_report(study, search, root, shown, budget)
             record.log_report(files)
             log.info("report: %s", files[0].relative_to(root))
