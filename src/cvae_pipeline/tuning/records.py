@@ -6,6 +6,7 @@ once it ends, `state` and `reason`; a pruned or stopped trial's run ends KILLED,
 """
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cvae_pipeline.tracking.session import Session
 from cvae_pipeline.tracking.store import HOST
 
 PARENT_ATTR = "mlflow_run_id"
+PARENT_WAIT_SECONDS = 30  # how long a machine that joins a study waits for its creator to name the study's run
 STATUS = {"complete": "FINISHED", "pruned": "KILLED", "stopped": "KILLED", "failed": "FAILED"}
 ENDED = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
@@ -28,10 +30,13 @@ class StudyRecord:
         self.run_id: str | None = None
 
     @contextlib.contextmanager
-    def parent_run(self, tags: dict[str, str]) -> Iterator[None]:
-        """The study's run, open while this machine works on it (reopened when it exists): FINISHED at the end,
+    def parent_run(self, tags: dict[str, str], created: bool = True) -> Iterator[None]:
+        """The study's run, open while this machine works on it: made by the machine that `created` the study, found
+        by the others through the study (they wait for it a little, when they started together); FINISHED at the end,
         KILLED on Ctrl-C, FAILED on an error."""
         known = self.study.user_attrs.get(PARENT_ATTR)
+        if not known and not created and not self.study.trials:  # its creator started at the same time
+            known = self._wait_for_parent()
         if known and self.session.get_run(known) is None:
             known = None  # another MLflow store: the study gets a parent run in this one
         tags = {**tags, "study": self.study.study_name, "optuna_storage": self.storage, "kind": "study"}
@@ -40,6 +45,14 @@ class StudyRecord:
             if self.run_id and self.run_id != known:
                 self.study.set_user_attr(PARENT_ATTR, self.run_id)
             yield
+
+    def _wait_for_parent(self) -> str | None:
+        deadline = time.monotonic() + PARENT_WAIT_SECONDS
+        while True:
+            known = self.study.user_attrs.get(PARENT_ATTR)
+            if known or time.monotonic() > deadline:
+                return known
+            time.sleep(0.5)
 
     def trial_tags(self, number: int) -> dict[str, str]:
         tags = {"study": self.study.study_name, "trial": str(number), "machine": HOST}
@@ -69,15 +82,16 @@ class StudyRecord:
         self.session.call(end)
 
     def close_abandoned(self, reason_attr: str) -> list[int]:
-        """End the trial runs left RUNNING whose trial is over in the study: a worker killed with -9 (or a machine that
-        went down) could not end them, and Optuna has since failed the trial. The trials whose runs it ended."""
+        """End, with their trial's state and reason, the trial runs that no worker ended: a worker killed with -9 (or a
+        machine that went down) could not, and Optuna has since failed the trial (the run may still be RUNNING, or
+        KILLED by the next stage that opened the store here). The trials whose runs it ended."""
         if not self.run_id:
             return []
         ended = []
-        for run in self.session.search_runs(f"tags.study_run_id = '{self.run_id}' and attributes.status = 'RUNNING'"):
+        for run in self.session.search_runs(f"tags.study_run_id = '{self.run_id}'"):
             number = int(run.data.tags.get("trial", -1))
             trial = self.study.trials[number] if 0 <= number < len(self.study.trials) else None
-            if trial is not None and trial.state in ENDED:
+            if "state" not in run.data.tags and trial is not None and trial.state in ENDED:
                 self.end_trial(number, ENDED[trial.state], trial.user_attrs.get(reason_attr) or "its worker died",
                                run.info.run_id)
                 ended.append(number)

@@ -52,12 +52,16 @@ def trial_data(search: Search, base: dict, root: Path) -> Path:
     return prepared
 
 
-def open_study(search: Search, storage) -> optuna.Study:
-    study = optuna.create_study(study_name=search.study, storage=storage, directions=search.directions,
-                                load_if_exists=True)
+def open_study(search: Search, storage) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it (its creator gives it its MLflow run: `StudyRecord.parent_run`).
+    Creating is atomic in every storage: of several machines that start together, one creates it."""
+    try:
+        return optuna.create_study(study_name=search.study, storage=storage, directions=search.directions), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=search.study, storage=storage)
     if [direction.name.lower() for direction in study.directions] != search.directions:
         raise ParamsError(f"tune.yaml: study {search.study!r} exists with other objectives; name a new study")
-    return study
+    return study, False
 
 
 class Progress:
@@ -131,14 +135,14 @@ def run_study(search: Search, base: dict, root: Path, budget: int, jobs: int) ->
     prepared = trial_data(search, base, root)
     storage, shown = open_storage(root), shown_storage()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line and each trial's line say it all
-    study = open_study(search, storage)
+    study, created = open_study(search, storage)
     fail_dead_trials(study)
     session = Session(params.tracking)
     session.connect()
     record = StudyRecord(session, study, shown)
     log.info("study %s in %s: %d of %d trials counted so far, %d worker(s) here; each trial's output is in "
              ".tune/trials/%s/", search.study, shown, len(counted(study.trials)), budget, jobs, search.study)
-    with record.parent_run({"trials": str(budget)}):
+    with record.parent_run({"trials": str(budget)}, created):
         record.close_abandoned(REASON_ATTR)
         progress = Progress(study, search, budget, record)
         workers = Workers(search, base, root, storage, prepared, record, budget, jobs, progress.trial_ended,

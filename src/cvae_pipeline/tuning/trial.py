@@ -27,7 +27,7 @@ import yaml
 from cvae_pipeline.tracking.runs import TRIAL_ENV
 
 PATH_VARIABLE = re.compile(r"\$\{paths\.(\w+)\}")
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.25  # a look at the checkpoint's time: cheap; it is read only when replaced
 STOP_GRACE_SECONDS = 60  # after SIGINT, how long a stage has to end its MLflow run before SIGKILL
 _PR_SET_PDEATHSIG = 1
 
@@ -76,6 +76,13 @@ def read_history(checkpoint: Path) -> list[dict]:
         return []
 
 
+def _modified(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _die_with_parent() -> None:
     """In the child, before it runs: SIGKILL when the thread that started it dies (Linux), so a worker killed with -9
     leaves no training behind."""
@@ -106,8 +113,12 @@ class TrialProcess:
             process = subprocess.Popen(self.command, cwd=cwd, env=self.env, stdout=sink, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
             try:
+                changed = None
                 while process.poll() is None:
-                    history = read_history(checkpoint)
+                    history, stamp = [], _modified(checkpoint)
+                    if stamp != changed:  # replaced by a rename after each epoch: read once a time
+                        history = read_history(checkpoint)
+                        changed = stamp if history else None
                     for row in history[seen:]:
                         reason = on_epoch(row)
                         if reason is not None:

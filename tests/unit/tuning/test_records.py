@@ -1,6 +1,8 @@
 """A study in MLflow: one parent run, found again by every worker through the study; each trial's run nested under it,
 tagged, and ended with the trial's state and reason, also when its worker died and another run of the study finds it."""
 
+import threading
+
 import mlflow
 import optuna
 import pytest
@@ -50,6 +52,16 @@ def test_the_trials_runs_nest_under_one_study_run_which_the_study_remembers(sess
     again = StudyRecord(session, study, ".tune/optuna.journal")  # another worker, another day: the same parent
     with again.parent_run({}):
         assert again.run_id == parent
+
+
+def test_a_machine_that_joins_a_new_study_waits_for_its_creators_run(session):
+    storage = optuna.storages.InMemoryStorage()
+    creator = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    joiner = StudyRecord(session, optuna.load_study(study_name="s", storage=storage), ".tune/optuna.journal")
+    parent = session.client.create_run(session.experiment_id()).info.run_id
+    threading.Timer(1.5, lambda: creator.set_user_attr(PARENT_ATTR, parent)).start()
+    with joiner.parent_run({}, created=False):
+        assert joiner.run_id == parent  # one study run, not one per machine
 
 
 def test_a_trial_run_that_a_dead_worker_left_running_is_ended_once_its_trial_is_failed(session):

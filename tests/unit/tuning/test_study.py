@@ -55,8 +55,10 @@ def test_fixed_data_settings_are_prepared_once_for_every_trial_outside_the_works
 
 def test_a_study_is_resumed_only_with_the_objectives_it_was_made_with():
     storage = optuna.storages.InMemoryStorage()
-    assert open_study(search_of(), storage).directions == [optuna.study.StudyDirection.MAXIMIZE]
-    assert open_study(search_of(), storage).study_name == "s"
+    study, created = open_study(search_of(), storage)
+    assert created and study.directions == [optuna.study.StudyDirection.MAXIMIZE]
+    study, created = open_study(search_of(), storage)
+    assert not created and study.study_name == "s"
     with pytest.raises(ParamsError, match="study 's' exists with other objectives; name a new study"):
         open_study(search_of(objectives=["validation_elbo", "train_seconds"]), storage)
 
