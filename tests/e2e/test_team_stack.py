@@ -9,7 +9,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
+import yaml
+from optuna.trial import TrialState
 
 from cvae_pipeline.model.loading import load_trained, reconstruct
 from helpers import REPO, model_params, predict_in_fresh_process, run, subprocess_env, write_fake_mnist
@@ -167,3 +170,52 @@ def test_a_parallel_sweep_against_the_postgres_server_loses_nothing(tmp_path, st
         assert {"eval_test_elbo", "eval_test_iwae", "final_validation_elbo"} <= set(found.data.metrics)
         assert len([m for m in models if m.source_run_id == found.info.run_id]) == 1  # one model per training
         assert len(client.list_artifacts(found.info.run_id, "figures")) >= 5
+
+
+# Tiny trials without pruning: what is tested here is that two machines share one budget.
+TEAM_SEARCH = {"study": "team", "trials": 6, "pruner": {"name": "none"},
+               "space": {"train.learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}}
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_two_machines_share_one_study_in_its_own_postgres_database_and_the_team_server(tmp_path, stack, monkeypatch):
+    database, uri = stack["database"], stack["uri"]
+    with connect(database) as connection:
+        connection.execute("CREATE DATABASE optuna")  # its own: Optuna and MLflow each keep an alembic_version table
+    storage = f"postgresql://{database.user}@{database.host}:{database.port}/optuna"
+    first = make_repo_copy(tmp_path / "first")
+    env = setup_copy(first, write_fake_mnist(tmp_path), evaluate=QUICK_EVALUATION)
+    (first / "tune.yaml").write_text(yaml.safe_dump(TEAM_SEARCH))
+    commit_all(first, "a tiny search")
+    second = tmp_path / "second"
+    subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True)
+    machine = {**env, **stack["admin"], "MLFLOW_TRACKING_URI": uri, "OPTUNA_STORAGE": storage,
+               "PGPASSWORD": database.password}
+    workers = [subprocess.Popen([*MAKE_IN_COPY, "tune", "J=1"], cwd=clone, env=subprocess_env(**machine), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for clone in (first, second)]
+    outputs = [worker.communicate(timeout=SWEEP_TIMEOUT_S) for worker in workers]
+    for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, (stdout[-3000:], stderr[-3000:])
+        assert database.password not in stdout + stderr, (stdout[-2000:], stderr[-2000:])
+        assert f"in postgresql://***@{database.host}:{database.port}/optuna" in stderr  # where, but not as whom
+
+    monkeypatch.setenv("PGPASSWORD", database.password)
+    study = optuna.load_study(study_name="team", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    ran = [trial for trial in trials if not trial.user_attrs.get("over_budget")]
+    assert [trial.state for trial in ran] == [TrialState.COMPLETE] * 6  # the budget, across both machines
+    assert len({trial.user_attrs["worker_pid"] for trial in ran}) == 2  # both took trials
+    assert all(list((clone / ".tune" / "trials" / "team").iterdir()) for clone in (first, second))
+
+    client = mlflow.MlflowClient(tracking_uri=uri)  # every run on the team's server
+    experiment = client.get_experiment_by_name("cvae-mnist").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.kind = 'study' and tags.study = 'team'")
+    children = client.search_runs([experiment], f"tags.study_run_id = '{parent.info.run_id}'")
+    assert sorted(int(run.data.tags["trial"]) for run in children) == sorted(trial.number for trial in ran)  # once each
+    assert {run.info.status for run in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert all(run.data.tags["mlflow.parentRunId"] == parent.info.run_id for run in children)
+    with connect(database, "optuna") as connection:
+        assert connection.execute("SELECT count(*) FROM trials").fetchone()[0] == len(trials)
+    with connect(database) as connection:  # MLflow's database holds no Optuna table
+        assert connection.execute("SELECT to_regclass('public.trials')").fetchone()[0] is None

@@ -10,6 +10,7 @@ does the same for trials whose worker process is gone.
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ STORAGE_ENV = "OPTUNA_STORAGE"
 JOURNAL = Path(".tune") / "optuna.journal"
 HEARTBEAT_SECONDS = 20  # a worker's heartbeat, while it runs a trial ...
 GRACE_SECONDS = 90      # ... and how long without one before another worker fails the trial and queues it again
+SCHEMA_ATTEMPTS = 3     # tries to open a new database whose tables another machine is creating
 
 # A trial's user attributes: where its worker runs, and why it ended as it did.
 HOST_ATTR, PID_ATTR, REASON_ATTR = "host", "worker_pid", "reason"
@@ -62,16 +64,33 @@ def open_storage(root: Path) -> optuna.storages.BaseStorage:
 
         (root / JOURNAL).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(root / JOURNAL)))
-    try:
-        # pool_pre_ping: a worker that trained for an hour finds its idle connection closed by the server.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                              heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                              heartbeat_stale_trial_callback=RETRY)
-    except Exception as error:  # SQLAlchemy's and the driver's errors: a wrong host, user, password or database
-        what = " ".join(str(error).split())[:300]
-        raise ParamsError(f"{STORAGE_ENV}={shown(url)}: cannot open the study's database ({what})") from None
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return _database(url)
+        except Exception as error:  # SQLAlchemy's and the driver's errors: a wrong host, user, password or database
+            if attempt + 1 < SCHEMA_ATTEMPTS and _schema_race(error):
+                time.sleep(2.0)  # another machine is creating Optuna's tables in this new database: they will be there
+                continue
+            what = " ".join(str(error).split())[:300]
+            raise ParamsError(f"{STORAGE_ENV}={shown(url)}: cannot open the study's database ({what})") from None
+    raise AssertionError("unreachable")
+
+
+def _database(url: str) -> optuna.storages.RDBStorage:
+    # pool_pre_ping: a worker that trained for an hour finds its idle connection closed by the server.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                          heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                          heartbeat_stale_trial_callback=RETRY)
+
+
+def _schema_race(error: Exception) -> bool:
+    """Two machines that create Optuna's tables in a new database at once: one of them fails on what the other made."""
+    import sqlalchemy.exc
+
+    return isinstance(error, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError) and (
+        "already exists" in str(error) or "duplicate key" in str(error))
 
 
 def _alive(pid: int) -> bool:
