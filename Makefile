@@ -105,7 +105,7 @@ SWEEP_LOG := .dvc/tmp/sweep.log
 SWEEP_JOBS = $(if $(filter data.%,$(S)),1,$(J))
 
 # Prepares once: workers that each prepared would write the same outputs into DVC's cache at once.
-sweep: $(STAMP) ## one experiment per combination of S on J workers; compare [S J]
+sweep: $(STAMP) ## an experiment per combination of S on J workers; compare [S J]
 	@test -n "$(S)" || { echo "make sweep: S names what to sweep, e.g. make sweep S='model.latent_dim=2,10,50' J=2" >&2; exit 2; }
 	$(if $(filter-out $(J),$(SWEEP_JOBS)),@echo "make sweep: S varies data.* params and each experiment prepares its \
 	own data: running them on 1 worker instead of $(J) (two preparing at once race in DVC's cache)" >&2)
@@ -117,18 +117,18 @@ sweep: $(STAMP) ## one experiment per combination of S on J workers; compare [S 
 # A search over tune.yaml's space: TRIALS (default: tune.yaml's) on J workers here. With OPTUNA_STORAGE exported (a
 # database URL, its password in PGPASSWORD), the same command on other machines joins the same study (docs/team.md).
 TRIALS ?=
-tune: $(STAMP) ## an Optuna search (tune.yaml) that prunes: reports/tune.md [TRIALS J]
+tune: $(STAMP) ## an Optuna search of tune.yaml: reports/tune.md [TRIALS J]
 	dvc repro prepare
 	python -m cvae_pipeline.commands.tune run $(if $(TRIALS),--trials '$(TRIALS)') --jobs '$(J)'
 
 TRIAL ?=
-tune-apply: $(STAMP) ## the study's best trial (or TRIAL) at params.yaml's budget, as a DVC experiment [TRIAL]
+tune-apply: $(STAMP) ## the study's best trial (or TRIAL) as a DVC experiment [TRIAL]
 	python -m cvae_pipeline.commands.tune apply $(if $(TRIAL),--trial '$(TRIAL)')
 
 # optuna-dashboard has no authentication: loopback only unless DASHBOARD_HOST says otherwise.
 DASHBOARD_HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8080
-tune-dashboard: $(STAMP) ## optuna-dashboard on the study, on http://127.0.0.1:8080 [DASHBOARD_HOST DASHBOARD_PORT]
+tune-dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080 [DASHBOARD_HOST DASHBOARD_PORT]
 	python -m cvae_pipeline.commands.tune dashboard --host '$(DASHBOARD_HOST)' --port '$(DASHBOARD_PORT)'
 
 SWEEP ?=

@@ -22,7 +22,7 @@ from helpers import free_port, run, subprocess_env, write_fake_mnist
 from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, setup_copy
 from team_services import server_process, wait_for_http
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 VENV = Path(sys.prefix)  # this test's environment, in place of a copy's own .venv/
 MAKE_IN_COPY = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}", "EXTRAS="]
