@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from cvae_pipeline.config import parse_params
 from cvae_pipeline.data import load_manifest, prepare, save_prepared
-from cvae_pipeline.errors import ParamsError
+from cvae_pipeline.errors import ParamsError, TrainingError
 from cvae_pipeline.tracking.session import Session
 from cvae_pipeline.tuning.records import StudyRecord
-from cvae_pipeline.tuning.report import best_trials, write_report
+from cvae_pipeline.tuning.report import REPORT, best_trials, write_report
 from cvae_pipeline.tuning.space import Search
 from cvae_pipeline.tuning.storage import REASON_ATTR, fail_dead_trials, open_storage, shown_storage
 from cvae_pipeline.tuning.trial import Outcome, pipeline_paths
@@ -155,4 +155,6 @@ def run_study(search: Search, base: dict, root: Path, budget: int, jobs: int) ->
             files = write_report(study, search, root, shown, budget)
             record.log_report(files)
             log.info("report: %s", files[0].relative_to(root))
+        if not best_trials(study):  # the budget spent, and nothing to show for it: not a success
+            raise TrainingError(f"study {search.study}: no trial completed; {REPORT} gives each one's reason")
     return files

@@ -4,14 +4,18 @@ data settings), a study whose objectives match tune.yaml's, and no more workers 
 import os
 import shutil
 
+import mlflow
 import optuna
 import pytest
 import yaml
 
 from cvae_pipeline.data import load_prepared
-from cvae_pipeline.errors import ParamsError
+from cvae_pipeline.errors import ParamsError, TrainingError
 from cvae_pipeline.tuning.space import parse_search
+from cvae_pipeline.tuning.storage import STORAGE_ENV
 from cvae_pipeline.tuning.study import open_study, run_study, trial_data
+from cvae_pipeline.tuning.trial import Outcome
+from cvae_pipeline.tuning.workers import Workers
 from helpers import REPO
 
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -68,3 +72,16 @@ def test_the_workers_number_one_to_the_cores(root, jobs):
     with pytest.raises(ParamsError, match=f"J={jobs}: the workers must number 1 to this machine's"):
         run_study(search_of(), BASE, root, 4, jobs)
     assert not (root / ".tune").exists()
+
+
+def test_a_study_in_which_no_trial_completes_ends_in_error_with_the_reasons_reported(root, monkeypatch):
+    monkeypatch.chdir(root)  # the MLflow store of this copy: its mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.setattr(Workers, "_train", lambda self, trial, varied: Outcome("failed", reason="out of memory"))
+    (root / "data/prepared").mkdir()
+    (root / "data/prepared/mnist.npz").write_bytes(b"prepared")
+    with pytest.raises(TrainingError, match=r"study s: no trial completed; reports/tune\.md gives each one's reason"):
+        run_study(search_of(), BASE, root, 2, 1)
+    assert "- trial 1 failed: out of memory" in (root / "reports/tune.md").read_text()
+    mlflow.set_tracking_uri(None)

@@ -147,3 +147,15 @@ def test_with_two_objectives_nothing_is_pruned(tmp_path):
     workers = workers_of(tmp_path, complete)
     workers.search = search
     assert workers._prune(None, {"epoch": 5, "validation_elbo": -1e9}) is None
+
+
+def test_a_sampled_configuration_that_params_yaml_refuses_fails_before_any_training(tmp_path):
+    search = parse_search(yaml.safe_dump({"study": "unit", "space": {
+        "train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+        "train.final_learning_rate": {"low": 0.0, "high": 1e-3}}}), BASE)  # each end valid alone, not every pair
+    workers = workers_of(tmp_path, complete)
+    workers.search = search
+    trial = workers.load(0, fresh=True).ask()
+    outcome = Workers._train(workers, trial, {"train.learning_rate": 1e-4, "train.final_learning_rate": 1e-3})
+    assert outcome.state == "failed" and "final_learning_rate" in outcome.reason
+    assert not (tmp_path / ".tune" / "trials").exists()  # no params file, no process
