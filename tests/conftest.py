@@ -25,6 +25,7 @@ LONGEST_FIRST = (
     "unit/training/test_distribution.py",
     "unit/training/test_loop.py",
     "e2e/test_sweeps.py",
+    "e2e/test_tune.py",
     "e2e/test_serving.py",
 )
 _missing = [name for name in LONGEST_FIRST if not (Path(__file__).parent / name).is_file()]

@@ -53,9 +53,19 @@ def write_manifest(path: Path, arrays: dict[str, np.ndarray], mirrors: list[str]
     return path
 
 
-def write_fake_mnist(folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    """A mirror folder of small gzipped IDX files, and a manifest with their MD5 sums."""
-    arrays = fake_arrays()
+def learnable_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Like `fake_arrays`, but images a VAE learns within a few steps (`synthetic_digits`), where the trials of a
+    search must differ by how well they learn."""
+    images, labels = synthetic_digits(sum(FAKE_COUNTS.values()), seed)
+    train = FAKE_COUNTS["train"]
+    return {"train_images": images[:train] * 255, "train_labels": labels[:train],
+            "test_images": images[train:] * 255, "test_labels": labels[train:]}
+
+
+def write_fake_mnist(folder: Path, arrays: dict[str, np.ndarray] | None = None
+                     ) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """A mirror folder of small gzipped IDX files (`fake_arrays` unless given), and a manifest with their MD5 sums."""
+    arrays = fake_arrays() if arrays is None else arrays
     mirror = folder / "mirror"
     mirror.mkdir()
     for key, array in arrays.items():

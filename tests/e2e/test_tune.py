@@ -18,7 +18,7 @@ import yaml
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from helpers import free_port, run, subprocess_env, write_fake_mnist
+from helpers import free_port, learnable_arrays, run, subprocess_env, write_fake_mnist
 from repositories import QUICK_EVALUATION, commit_all, make_repo_copy, setup_copy
 from team_services import server_process, wait_for_http
 
@@ -27,10 +27,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 VENV = Path(sys.prefix)  # this test's environment, in place of a copy's own .venv/
 MAKE_IN_COPY = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}", "EXTRAS="]
 TIMEOUT_S = 600
-# Tiny trials: 8 short epochs, so that a trial far below the others is pruned before its end.
+# Tiny trials: 8 short epochs of 20 steps at full learning rate from the first, so that a trial far below the others
+# (one that learns nothing) is pruned before its end.
 TINY_SEARCH = {"study": "tiny", "trials": 5, "sampler": {"name": "tpe", "seed": 0},
                "pruner": {"name": "median", "startup_trials": 1, "warmup_epochs": 1},
-               "fixed": {"train.epochs": 8},
+               "fixed": {"train.epochs": 8, "train.batch_size": 10, "train.warmup_epochs": 0},
                "space": {"train.learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
                          "train.ema_momentum": {"choices": [0, 0.99]}}}
 # A comment of the user's own in params.yaml, which `dvc exp apply` must keep.
@@ -40,7 +41,7 @@ COMMENT = "# the team's notes on these params"
 def tune_copy(folder: Path, **search) -> tuple[Path, dict]:
     """A fresh copy with the tiny pipeline and a tiny tune.yaml, committed; the environment of its commands."""
     repo = make_repo_copy(folder / "repo")
-    env = setup_copy(repo, write_fake_mnist(folder), evaluate=QUICK_EVALUATION)
+    env = setup_copy(repo, write_fake_mnist(folder, learnable_arrays()), evaluate=QUICK_EVALUATION)
     params = repo / "params.yaml"
     params.write_text(f"{COMMENT}\n{params.read_text()}")
     (repo / "tune.yaml").write_text(yaml.safe_dump({**TINY_SEARCH, **search}, sort_keys=False))
@@ -115,6 +116,7 @@ def test_make_tune_runs_the_budget_on_two_workers_prunes_and_goes_on_after_a_fai
     assert "training diverged" in trials[0].user_attrs["reason"]
     assert trials[3].user_attrs["reason"].startswith("pruned after epoch ")
     assert max(trials[3].intermediate_values) < 8 and sorted(trials[1].intermediate_values) == list(range(1, 9))
+    assert trials[3].intermediate_values[1] < trials[1].intermediate_values[1] - 10  # far below: learns nothing
     assert not processes_in(repo)
 
 
