@@ -1,6 +1,7 @@
-"""Every figure that README.md and docs/ state about the committed default run, formatted from the committed reports
-(`reports/*.json`, `reports/train_history.csv`): after a new `make repro`, this test names each sentence gone stale,
-with the sentence the reports now give, ready to paste. `python tests/test_docs_figures.py` prints every sentence.
+"""Every figure that README.md and docs/ state about the committed default run and the committed study of `make tune`,
+formatted from the committed reports (`reports/*.json`, `reports/train_history.csv`, `reports/tune/trials.csv`): after
+a new `make repro` or `make tune`, this test names each sentence gone stale, with the sentence the reports now give,
+ready to paste. `python tests/test_docs_figures.py` prints every sentence.
 
 A claim is a file and a sentence template whose fields are read from the reports (`{test[elbo]:.2f}`: evaluate's test
 ELBO); whitespace is compared as one space, so a sentence may wrap. Figures about other runs or machines (benchmarks,
@@ -66,6 +67,11 @@ CLAIMS = [
                        "on the validation set"),
     ("docs/recipe.md", "score lower than the test images ({derived[validation_below_test]:.1f} nats lower in the "
                        "committed run)"),
+    # docs/recipe.md: the committed study of `make tune` (reports/tune/trials.csv).
+    ("docs/recipe.md", "{study[trials]}: {study[complete]} complete and {study[pruned]} pruned | trial "
+                       "{study[best_trial]}: "),
+    ("docs/recipe.md", "{study[best_learning_rate]}, warm-up {study[best_warmup]}, average {study[best_average]}, "
+                       "batch {study[best_batch]}: {study[best_elbo]:.2f} |"),
     # docs/performance.md
     ("docs/performance.md", TRAIN_STAGE),
     ("docs/performance.md", "the committed default run's validation ELBO after epoch {train[epoch_to_quality]} of "
@@ -112,7 +118,21 @@ def read_reports(folder: Path = REPORTS) -> dict:
     }
     derived["packed_megabytes"] = derived["all_images"] * PACKED_BYTES / 1e6
     return {"test": test, "validation": validation, "train": train, "data": data, "history": history,
-            "params": params, "derived": derived, "settings": settings}
+            "params": params, "derived": derived, "settings": settings, "study": read_study(folder)}
+
+
+def read_study(folder: Path) -> dict:
+    """The committed study of `make tune` (reports/tune/trials.csv, its trials best first): counts and the best."""
+    with open(folder / "tune" / "trials.csv", newline="") as handle:
+        trials = list(csv.DictReader(handle))
+    states = [trial["state"] for trial in trials]
+    best = trials[0]
+    learning_rate = f"{float(best['train.learning_rate']):.1e}".replace("e-0", "e-")  # 8.3e-3, as people write it
+    return {"trials": len(trials), "complete": states.count("complete"), "pruned": states.count("pruned"),
+            "failed": states.count("failed"), "best_trial": int(best["trial"]),
+            "best_elbo": float(best["validation_elbo"]), "best_learning_rate": learning_rate,
+            "best_warmup": int(best["train.warmup_epochs"]), "best_average": float(best["train.ema_momentum"]),
+            "best_batch": int(best["train.batch_size"])}
 
 
 def one_line(text: str) -> str:
@@ -175,7 +195,9 @@ def test_the_reports_agree_with_each_other():
 
 def copied_reports(folder: Path) -> Path:
     folder.mkdir()
-    for name in ("metrics.json", "train_metrics.json", "train_settings.json", "data_summary.json", "train_history.csv"):
+    for name in ("metrics.json", "train_metrics.json", "train_settings.json", "data_summary.json", "train_history.csv",
+                 "tune/trials.csv"):
+        (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_bytes((REPORTS / name).read_bytes())
     return folder
 

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from cvae_pipeline import scores
 from cvae_pipeline.errors import ParamsError
+from cvae_pipeline.fileio import write_bytes_atomic
 from cvae_pipeline.tracking.store import HOST
 from cvae_pipeline.tuning.records import StudyRecord
 from cvae_pipeline.tuning.space import Search
@@ -165,7 +166,7 @@ class Workers:
             return Outcome("failed", reason=str(error))
         folder = self.root / TRIALS_FOLDER / self.search.study / f"trial-{trial.number}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        write_bytes_atomic(folder / "params.yaml", yaml.safe_dump(raw, sort_keys=False).encode())
         command, outputs = train_command(self.root, folder, self.prepared, folder / "params.yaml")
         process = TrialProcess(command, outputs, folder / "train.log",
                                trial_environment(name, self.record.trial_tags(trial.number)))
