@@ -2,7 +2,9 @@
 
 The parent run's id is kept in the study (`mlflow_run_id`, a user attribute), so every machine that joins the study
 nests its trials under the same parent. A trial's run carries the tags `study`, `study_run_id`, `trial`, `machine` and,
-once it ends, `state` and `reason`; a pruned or stopped trial's run ends KILLED, a failed one's FAILED.
+once it ends, `state` and `reason`; a pruned or stopped trial's run ends KILLED, a failed one's FAILED. (Not
+optuna-integration's MLflowCallback, which logs a trial's params and value from the worker once it ended: here the
+trial's own train stage records its run as every training does, per-epoch curve, model and system metrics included.)
 """
 
 import contextlib
