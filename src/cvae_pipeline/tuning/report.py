@@ -131,7 +131,9 @@ def markdown(study: optuna.Study, search: Search, table: pd.DataFrame, pictures:
         lines.append(f"- trial {row['trial']} failed: {row['reason']}")
     best = best_trials(study)
     if best:
-        lines += ["", "## Best" if len(best) == 1 else "## Pareto front (quality against training time)", ""]
+        # With two objectives the front can hold a single trial (faster and better than all others): still a front.
+        pareto = len(search.objectives) > 1
+        lines += ["", "## Pareto front (quality against training time)" if pareto else "## Best", ""]
         for trial in best:
             values = ", ".join(f"{name} {value:.2f}" for name, value in zip(search.objectives, trial.values,
                                                                             strict=True))

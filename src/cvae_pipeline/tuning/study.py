@@ -98,14 +98,15 @@ class Progress:
         states = [trial.state.name.lower() for trial in trials]
         finished = sum(state in ("complete", "pruned", "fail") for state in states)
         best = best_trials(self.study)
-        shown = (f"best {best[0].values[0]:.2f} (trial {best[0].number})" if len(best) == 1 else
+        single = len(self.search.objectives) == 1
+        shown = (f"best {best[0].values[0]:.2f} (trial {best[0].number})" if best and single else
                  f"{len(best)} on the Pareto front" if best else "none complete yet")
         counts = (f"{states.count('pruned')} pruned, {states.count('fail')} failed, {states.count('running')} "
                   f"running, {shown}")
         with self.lock:
             self.bar.set_postfix_str(counts, refresh=False)
             self.bar.update(finished - self.bar.n)
-            if len(best) == 1 and best[0].number != self.logged_best:
+            if best and single and best[0].number != self.logged_best:
                 self.logged_best = best[0].number
                 self.record.log_progress(finished, {f"best_{self.search.objectives[0]}": best[0].values[0]})
         return f"{finished} of {self.budget} done: {counts}"

@@ -85,6 +85,16 @@ def test_two_objectives_give_the_pareto_front_of_quality_against_time_without_pr
     assert (tmp_path / "reports/tune/pareto_front.png") in files
 
 
+def test_a_pareto_front_of_one_trial_is_still_reported_as_the_front(tmp_path):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    add(study, 0, TrialState.COMPLETE, [-85.0, 100.0])
+    add(study, 1, TrialState.COMPLETE, [-90.0, 200.0])  # worse and slower: trial 0 alone is the front
+    write_report(study, search_of(["validation_elbo", "train_seconds"]), tmp_path, ".tune/optuna.journal", 2)
+    text = (tmp_path / "reports/tune.md").read_text()
+    assert "## Pareto front (quality against training time)" in text and "## Best" not in text
+    assert "- trial 0: validation_elbo -85.00, train_seconds 100.00" in text
+
+
 def test_a_study_without_a_complete_trial_still_reports(tmp_path):
     study = optuna.create_study(direction="maximize")
     add(study, 0, TrialState.FAIL, None, "train: the loss became NaN at epoch 1", 0)

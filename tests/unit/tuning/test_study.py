@@ -13,7 +13,7 @@ from cvae_pipeline.data import load_prepared
 from cvae_pipeline.errors import ParamsError, TrainingError
 from cvae_pipeline.tuning.space import parse_search
 from cvae_pipeline.tuning.storage import STORAGE_ENV
-from cvae_pipeline.tuning.study import open_study, run_study, trial_data
+from cvae_pipeline.tuning.study import Progress, open_study, run_study, trial_data
 from cvae_pipeline.tuning.trial import Outcome
 from cvae_pipeline.tuning.workers import Workers
 from helpers import REPO
@@ -85,3 +85,32 @@ def test_a_study_in_which_no_trial_completes_ends_in_error_with_the_reasons_repo
         run_study(search_of(), BASE, root, 2, 1)
     assert "- trial 1 failed: out of memory" in (root / "reports/tune.md").read_text()
     mlflow.set_tracking_uri(None)
+
+
+class Recorded:
+    def __init__(self):
+        self.logged = []
+
+    def log_progress(self, finished, metrics):
+        self.logged.append((finished, metrics))
+
+
+def _complete(study, values, learning_rate):
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.learning_rate": learning_rate}, values=values,
+        distributions={"train.learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-2)}))
+
+
+def test_the_progress_line_names_the_best_trial_or_with_two_objectives_the_front_even_of_one():
+    study, record = optuna.create_study(direction="maximize"), Recorded()
+    _complete(study, [-90.0], 2e-3)
+    _complete(study, [-85.0], 3e-3)
+    assert Progress(study, search_of(), 4, record).update() == (
+        "2 of 4 done: 0 pruned, 0 failed, 0 running, best -85.00 (trial 1)")
+    assert record.logged == [(2, {"best_validation_elbo": -85.0})]
+
+    study, record = optuna.create_study(directions=["maximize", "minimize"]), Recorded()
+    _complete(study, [-85.0, 100.0], 2e-3)
+    _complete(study, [-90.0, 200.0], 3e-3)  # worse and slower: trial 0 alone is the front
+    line = Progress(study, search_of(objectives=["validation_elbo", "train_seconds"]), 4, record).update()
+    assert line.endswith("1 on the Pareto front") and record.logged == []
