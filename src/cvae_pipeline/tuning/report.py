@@ -83,8 +83,8 @@ def _figure(draw, path: Path) -> Path | None:
 def figures(study: optuna.Study, search: Search, folder: Path) -> list[Path]:
     from optuna.visualization import matplotlib as plots
 
-    names = {name.replace("_", " "): index for index, name in enumerate(search.objectives)}
-    target = (lambda trial: trial.values[0]) if len(names) > 1 else None
+    names = [name.replace("_", " ") for name in search.objectives]
+    target = (lambda trial: trial.values[0]) if search.pareto else None
     label = search.objectives[0].replace("_", " ")
     drawn = [
         _figure(lambda: plots.plot_optimization_history(study, target=target, target_name=label),
@@ -94,8 +94,8 @@ def figures(study: optuna.Study, search: Search, folder: Path) -> list[Path]:
         _figure(lambda: plots.plot_parallel_coordinate(study, target=target, target_name=label),
                 folder / "parallel_coordinates.png"),
     ]
-    if len(names) > 1:
-        drawn.append(_figure(lambda: plots.plot_pareto_front(study, target_names=list(names)),
+    if search.pareto:
+        drawn.append(_figure(lambda: plots.plot_pareto_front(study, target_names=names),
                              folder / "pareto_front.png"))
     elif search.prunes:
         drawn.append(_figure(lambda: plots.plot_intermediate_values(study), folder / "learning_curves.png"))
@@ -107,13 +107,13 @@ def markdown(study: optuna.Study, search: Search, table: pd.DataFrame, pictures:
     trials = study.get_trials(deepcopy=False)
     states = table["state"].value_counts().to_dict() if not table.empty else {}
     lines = [f"# Study `{search.study}`", "",
-             f"Storage: `{storage}`. Objective{'s' if len(search.objectives) > 1 else ''}: "
+             f"Storage: `{storage}`. Objective{'s' if search.pareto else ''}: "
              + ", ".join(f"{name} ({OBJECTIVES[name]})" for name in search.objectives)
              + f", on the validation set. Budget: {budget} trials. Sampler: {search.sampler.name} (seed "
              f"{search.sampler.seed}). Pruner: "
              + (f"{search.pruner.name} on the per-epoch validation ELBO, once {search.pruner.startup_trials} "
                 f"trial(s) completed and {search.pruner.warmup_epochs} epochs of each" if search.prunes else
-                "none" + (" (pruning does not apply to two objectives)" if len(search.objectives) > 1 else "")) + ".",
+                "none" + (" (pruning does not apply to two objectives)" if search.pareto else "")) + ".",
              "", "Every trial is params.yaml with " + (", ".join(f"`{key}: {value}`" for key, value in
                                                               search.fixed.items()) or "nothing fixed")
              + ", and these varied:", ""]
@@ -131,9 +131,7 @@ def markdown(study: optuna.Study, search: Search, table: pd.DataFrame, pictures:
         lines.append(f"- trial {row['trial']} failed: {row['reason']}")
     best = best_trials(study)
     if best:
-        # With two objectives the front can hold a single trial (faster and better than all others): still a front.
-        pareto = len(search.objectives) > 1
-        lines += ["", "## Pareto front (quality against training time)" if pareto else "## Best", ""]
+        lines += ["", "## Pareto front (quality against training time)" if search.pareto else "## Best", ""]
         for trial in best:
             values = ", ".join(f"{name} {value:.2f}" for name, value in zip(search.objectives, trial.values,
                                                                             strict=True))

@@ -81,9 +81,14 @@ class Search:
         return [OBJECTIVES[name] for name in self.objectives]
 
     @property
+    def pareto(self) -> bool:
+        """Two objectives: the study finds a Pareto front of quality against time (of one trial or more), no best."""
+        return len(self.objectives) > 1
+
+    @property
     def prunes(self) -> bool:
         """Pruning reads one per-epoch score: none with two objectives (Optuna's `report` refuses them)."""
-        return self.pruner.name != "none" and len(self.objectives) == 1
+        return self.pruner.name != "none" and not self.pareto
 
     def trial_params(self, base: dict, varied: dict[str, Any], where: str):
         """The validated params of a trial: `base` (params.yaml's mapping), then `fixed`, then `varied`."""

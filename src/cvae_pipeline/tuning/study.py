@@ -98,7 +98,7 @@ class Progress:
         states = [trial.state.name.lower() for trial in trials]
         finished = sum(state in ("complete", "pruned", "fail") for state in states)
         best = best_trials(self.study)
-        single = len(self.search.objectives) == 1
+        single = not self.search.pareto
         shown = (f"best {best[0].values[0]:.2f} (trial {best[0].number})" if best and single else
                  f"{len(best)} on the Pareto front" if best else "none complete yet")
         counts = (f"{states.count('pruned')} pruned, {states.count('fail')} failed, {states.count('running')} "
